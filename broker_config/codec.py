@@ -1,0 +1,347 @@
+"""The only place where bytes meet models: encode and decode every stream, with one error type.
+
+JSON streams
+    UTF-8 JSON of the pydantic model.  Decoding is tolerant of unknown fields (ignored) and strict about
+    everything else: size, UTF-8, schema version, types, and that the id inside the payload is the id in the
+    topic (a message from unit A under unit B's topic is refused, never misattributed).
+
+ECG chunks (``GHE1`` binary layout, little-endian)
+    ====== ===== ==================================================================================
+    offset bytes field
+    ====== ===== ==================================================================================
+    0      4     magic ``b"GHE1"``
+    4      1     schema_version (1)
+    5      1     flags: bit 0 historical, bit 1 lead-off reported, bits 4-7 sample encoding
+    6      1     n_leads (1-16)
+    7      1     length U of unit_id (1-32)
+    8      8     seq (uint64)
+    16     8     sent_at, microseconds since 1970-01-01 UTC (int64)
+    24     8     start_at (time of the first sample), microseconds since 1970-01-01 UTC (int64)
+    32     8     fs_hz (float64)
+    40     8     gain_adc_per_mv (float64)
+    48     4     baseline_adc (int32)
+    52     4     n_samples per lead (uint32)
+    56     2     lead-off bit mask (uint16), bit i = lead i
+    58     U     unit_id, ASCII
+    ...          per lead: 1 byte name length L, then L bytes ASCII name
+    ...          samples, lead-major, by encoding:
+                 0 = raw int16;
+                 1 = lossless "delta-zlib": per lead the first difference of the int16 samples taken
+                     modulo 2**16 (so it always fits int16 and the running sum restores every value), the
+                     low bytes of all deltas then the high bytes (byte planes), compressed with zlib.
+    ====== ===== ==================================================================================
+
+Samples must fit in int16 (every ECG ADC in use is 16 bits or fewer: MIT-BIH 11 bits, PTB 16 bits).
+Decompression is bounded by the declared sample count, so a small packet cannot inflate into a large one.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from broker_config.payloads import (
+    SCHEMA_VERSION,
+    AlertAck,
+    Availability,
+    EcgChunk,
+    GapRecord,
+    GpsFix,
+    HospitalAlert,
+    Notice,
+    PreAlert,
+    Status,
+    Vitals,
+)
+from broker_config.topics import STREAMS, ParsedTopic, Scope, Stream, TopicError, TopicSpace
+
+__all__ = [
+    "ECG_MAGIC",
+    "EcgEncoding",
+    "MODELS",
+    "PayloadError",
+    "decode",
+    "decode_ecg",
+    "encode",
+    "encode_ecg",
+    "decode_as",
+    "ecg_to_mv",
+]
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class PayloadError(ValueError):
+    """A payload that cannot be accepted.  ``topic`` and ``reason`` are safe to log (no health data)."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"{reason} (topic {topic[:160]!r})")
+        self.topic = topic
+        self.reason = reason
+
+
+MODELS: dict[Stream, type[BaseModel]] = {
+    Stream.AVAILABILITY: Availability,
+    Stream.STATUS: Status,
+    Stream.VITALS: Vitals,
+    Stream.ECG: EcgChunk,
+    Stream.GPS: GpsFix,
+    Stream.PREALERT: PreAlert,
+    Stream.NOTICE: Notice,
+    Stream.ALERT: HospitalAlert,
+    Stream.ACK: AlertAck,
+    Stream.GAP: GapRecord,
+}
+"""Payload model of each stream (video frames are opaque JPEG/H.264 bytes with their own header)."""
+
+ECG_MAGIC = b"GHE1"
+_HEAD = struct.Struct("<4sBBBBQqqddiIH")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class EcgEncoding:
+    """Sample encodings of the GHE1 layout."""
+
+    RAW_INT16 = 0
+    DELTA_ZLIB = 1
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _us(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _from_us(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _tolerant(model: type[BaseModel], data: Any) -> Any:
+    """Drop keys the model does not know, recursively into nested models (tolerant consumer)."""
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if name not in data:
+            continue
+        value = data[name]
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            value = _tolerant(annotation, value)
+        out[name] = value
+    return out
+
+
+def _check_owner(topic: str, parsed: ParsedTopic, model: BaseModel) -> None:
+    if parsed.scope is Scope.HOSPITAL:
+        owner = getattr(model, "hospital_id", None)
+        what = "hospital_id"
+    else:
+        owner = getattr(model, "unit_id", None)
+        what = "unit_id"
+    if owner != parsed.owner_id:
+        raise PayloadError(topic, f"payload {what} does not match the topic")
+
+
+# --- public API --------------------------------------------------------------------------------------------------
+
+
+def encode(stream: Stream, message: BaseModel, *, ecg_encoding: int = EcgEncoding.DELTA_ZLIB) -> bytes:
+    """Serialise ``message`` for ``stream``.  ECG chunks use the GHE1 layout, everything else JSON.
+
+    Raises:
+        PayloadError: the message is not of the stream's model, or is too large for the stream.
+    """
+    expected = MODELS.get(stream)
+    if expected is None or not isinstance(message, expected):
+        raise PayloadError(stream.value, f"{type(message).__name__} is not the model of stream {stream.value}")
+    if isinstance(message, EcgChunk):
+        data = encode_ecg(message, encoding=ecg_encoding)
+    else:
+        data = message.model_dump_json(exclude_defaults=False).encode()
+    limit = STREAMS[stream].max_payload_bytes
+    if len(data) > limit:
+        raise PayloadError(stream.value, f"encoded payload {len(data)} B exceeds the {limit} B limit")
+    return data
+
+
+def decode(space: TopicSpace, topic: str, payload: bytes) -> tuple[ParsedTopic, BaseModel]:
+    """Parse ``topic`` and decode ``payload`` into the stream's model.
+
+    Returns:
+        ``(parsed_topic, model)``; ``model`` is an instance of ``MODELS[parsed_topic.stream]``.
+
+    Raises:
+        PayloadError: with a reason safe to log, for an off-grammar topic, oversized payload, bad UTF-8,
+            malformed JSON or binary, wrong schema version, wrong types, or an id that does not match the topic.
+    """
+    try:
+        parsed = space.parse(topic)
+    except TopicError as exc:
+        raise PayloadError(topic, exc.reason) from None
+    stream = parsed.stream
+    limit = STREAMS[stream].max_payload_bytes
+    if len(payload) > limit:
+        raise PayloadError(topic, f"payload {len(payload)} B exceeds the {limit} B limit")
+    model_cls = MODELS.get(stream)
+    if model_cls is None:
+        raise PayloadError(topic, f"stream {stream.value} has no decodable payload model")
+    model: BaseModel
+    if stream is Stream.ECG:
+        model = decode_ecg(payload, topic=topic)
+    else:
+        model = _decode_json(model_cls, payload, topic)
+    _check_owner(topic, parsed, model)
+    return parsed, model
+
+
+def decode_as(model_cls: type[T], space: TopicSpace, topic: str, payload: bytes) -> T:
+    """:func:`decode`, and also check the result is a ``model_cls`` (else PayloadError)."""
+    _, model = decode(space, topic, payload)
+    if not isinstance(model, model_cls):
+        raise PayloadError(topic, f"expected {model_cls.__name__}")
+    return model
+
+
+def _decode_json(model_cls: type[BaseModel], payload: bytes, topic: str) -> BaseModel:
+    try:
+        text = payload.decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise PayloadError(topic, "payload is not valid UTF-8") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise PayloadError(topic, "payload is not valid JSON (truncated or malformed)") from None
+    if not isinstance(data, dict):
+        raise PayloadError(topic, "payload is not a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PayloadError(topic, f"unsupported schema_version {str(version)[:16]!r}, expected {SCHEMA_VERSION}")
+    try:
+        return model_cls.model_validate(_tolerant(model_cls, data))
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in err["loc"]) or "(root)" for err in exc.errors()})
+        raise PayloadError(topic, f"invalid fields: {', '.join(fields)[:200]}") from None
+
+
+def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB) -> bytes:
+    """Pack an ECG chunk in the GHE1 binary layout (see the module docstring).
+
+    Raises:
+        PayloadError: a sample outside int16, or a lead name or unit id that is not ASCII.
+    """
+    flags = (1 if chunk.historical else 0) | (2 if chunk.lead_off else 0) | (encoding << 4)
+    mask = sum(1 << i for i, off in enumerate(chunk.lead_off) if off)
+    unit = chunk.unit_id.encode("ascii")
+    head = _HEAD.pack(
+        ECG_MAGIC,
+        SCHEMA_VERSION,
+        flags,
+        len(chunk.leads),
+        len(unit),
+        chunk.seq,
+        _us(chunk.sent_at),
+        _us(chunk.start_at),
+        chunk.fs_hz,
+        chunk.gain_adc_per_mv,
+        chunk.baseline_adc,
+        chunk.n_samples,
+        mask,
+    )
+    try:
+        names = b"".join(bytes([len(n)]) + n.encode("ascii") for n in chunk.leads)
+    except UnicodeEncodeError:
+        raise PayloadError("ecg", "ECG lead names must be ASCII") from None
+    i16 = chunk.samples.astype("<i2", copy=False)
+    if encoding == EcgEncoding.RAW_INT16:
+        body = i16.tobytes()
+    elif encoding == EcgEncoding.DELTA_ZLIB:
+        delta = np.ascontiguousarray(np.diff(i16, axis=1, prepend=np.zeros((i16.shape[0], 1), dtype="<i2")), dtype="<i2")
+        planes = delta.view(np.uint8).reshape(*delta.shape, 2)
+        body = zlib.compress(np.ascontiguousarray(planes.transpose(2, 0, 1)).tobytes(), 6)
+    else:
+        raise PayloadError("ecg", f"unknown ECG encoding {encoding}")
+    return head + unit + names + body
+
+
+def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
+    """Unpack a GHE1 ECG chunk.  Raises :class:`PayloadError` with a clear reason on any malformation."""
+    if len(payload) < _HEAD.size:
+        raise PayloadError(topic, "ECG chunk truncated (shorter than its header)")
+    (magic, version, flags, n_leads, unit_len, seq, sent_us, start_us, fs_hz, gain, baseline, n_samples, mask) = (
+        _HEAD.unpack_from(payload)
+    )
+    if magic != ECG_MAGIC:
+        raise PayloadError(topic, "not a GHE1 ECG chunk (bad magic)")
+    if version != SCHEMA_VERSION:
+        raise PayloadError(topic, f"unsupported schema_version {version}, expected {SCHEMA_VERSION}")
+    if not 1 <= n_leads <= 16 or not 1 <= unit_len <= 32:
+        raise PayloadError(topic, "ECG chunk header out of range (leads or unit id length)")
+    total = n_leads * n_samples
+    if not 0 < n_samples or total * 2 > STREAMS[Stream.ECG].max_payload_bytes * 8:
+        raise PayloadError(topic, "ECG chunk declares an impossible sample count")
+    pos = _HEAD.size
+    try:
+        unit_id = payload[pos : pos + unit_len].decode("ascii")
+        pos += unit_len
+        leads = []
+        for _ in range(n_leads):
+            length = payload[pos]
+            name = payload[pos + 1 : pos + 1 + length]
+            if len(name) != length:
+                raise IndexError
+            leads.append(name.decode("ascii"))
+            pos += 1 + length
+    except (IndexError, UnicodeDecodeError):
+        raise PayloadError(topic, "ECG chunk truncated or corrupt in its unit id or lead names") from None
+    body = payload[pos:]
+    encoding = flags >> 4
+    if encoding == EcgEncoding.RAW_INT16:
+        if len(body) != total * 2:
+            raise PayloadError(topic, "ECG chunk sample bytes do not match the declared count")
+        samples = np.frombuffer(body, dtype="<i2").reshape(n_leads, n_samples)
+    elif encoding == EcgEncoding.DELTA_ZLIB:
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(body, total * 2)
+        except zlib.error:
+            raise PayloadError(topic, "ECG chunk compressed samples are corrupt") from None
+        if len(raw) != total * 2 or inflater.unconsumed_tail or not inflater.eof:
+            raise PayloadError(topic, "ECG chunk compressed samples do not match the declared count")
+        planes = np.frombuffer(raw, dtype=np.uint8).reshape(2, n_leads, n_samples)
+        delta = np.ascontiguousarray(planes.transpose(1, 2, 0)).view("<i2").reshape(n_leads, n_samples)
+        samples = np.cumsum(delta, axis=1, dtype="<i2")
+    else:
+        raise PayloadError(topic, f"unknown ECG sample encoding {encoding}")
+    lead_off = tuple(bool(mask >> i & 1) for i in range(n_leads)) if flags & 2 else ()
+    try:
+        return EcgChunk(
+            unit_id=unit_id,
+            seq=seq,
+            sent_at=_from_us(sent_us),
+            historical=bool(flags & 1),
+            start_at=_from_us(start_us),
+            fs_hz=fs_hz,
+            leads=tuple(leads),
+            gain_adc_per_mv=gain,
+            baseline_adc=baseline,
+            samples=samples,
+            lead_off=lead_off,
+        )
+    except (ValidationError, OverflowError) as exc:
+        detail = exc.errors()[0]["loc"] if isinstance(exc, ValidationError) and exc.errors() else ""
+        raise PayloadError(topic, f"ECG chunk header has invalid values {detail}") from None
+
+
+def ecg_to_mv(chunk: EcgChunk) -> np.ndarray:
+    """The chunk's samples in mV, float64, shape (n_leads, n_samples): (adc - baseline) / gain."""
+    return (chunk.samples.astype(np.float64) - chunk.baseline_adc) / chunk.gain_adc_per_mv
+
