@@ -1,0 +1,342 @@
+"""HTTP API of the dispatch service (FastAPI).
+
+``create_app(settings)`` builds the registry, the road graph and the :class:`DispatchService` in the app's
+lifespan and runs the service there; ``create_app(service=...)`` serves an existing service that the caller
+runs.  Responses are the pydantic models of :mod:`dispatch.schemas`, never internal objects; domain errors are
+mapped to HTTP status codes here only (404 unknown hospital or alert, 422 bad coordinates, 503 no road graph).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+
+from broker_config import TopicSpace, utc_now
+from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
+from dispatch.errors import RoutingError, UnknownHospitalError
+from dispatch.geo import valid_position_deg
+from dispatch.hospitals import Hospital, HospitalRegistry, HospitalStatus
+from dispatch.repository import AlertRecord, UnitRecord
+from dispatch.routing import RoadRouter
+from dispatch.schemas import (
+    AckPublic,
+    AlertDetailPublic,
+    AlertPublic,
+    CapabilitiesPublic,
+    HealthPublic,
+    HospitalPublic,
+    HospitalStatusPublic,
+    HospitalStatusUpdate,
+    RecommendationPublic,
+    RecommendRequest,
+    RecommendResponse,
+    RoutePublic,
+    TimelineEventPublic,
+    UnitPublic,
+)
+from dispatch.service import DispatchService
+from dispatch.settings import DispatchSettings
+
+__all__ = ["build_service", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_service(
+    settings: DispatchSettings,
+    *,
+    registry: HospitalRegistry | None = None,
+    router: RoadRouter | None = None,
+) -> DispatchService:
+    """A service from settings; ``registry``/``router`` override loading (tests reuse one road graph)."""
+    if registry is None:
+        registry = HospitalRegistry.load(settings.hospital_csvs, settings.capabilities_path)
+    if router is None:
+        router = RoadRouter.from_pbf(
+            settings.road_pbf, emergency_factor=settings.emergency_speed_factor, max_snap_m=settings.max_snap_m
+        )
+    return DispatchService(
+        settings.broker,
+        TopicSpace(settings.broker.topic_prefix),
+        registry,
+        router,
+        client_id=settings.client_id,
+        queue_size=settings.queue_size,
+        enqueue_timeout_s=settings.enqueue_timeout_s,
+        publish_timeout_s=settings.publish_timeout_s,
+    )
+
+
+# --- mapping internal objects to public schemas --------------------------------------------------------------------
+
+
+def _hospital_public(hospital: Hospital, st: HospitalStatus) -> HospitalPublic:
+    c = hospital.capabilities
+    return HospitalPublic(
+        hospital_id=hospital.hospital_id,
+        name=hospital.name,
+        lat_deg=hospital.lat_deg,
+        lon_deg=hospital.lon_deg,
+        region=hospital.region,
+        capabilities=CapabilitiesPublic(
+            ed=c.ed,
+            pci_24_7=c.pci_24_7,
+            stroke_unit=c.stroke_unit,
+            thrombectomy=c.thrombectomy,
+            trauma_level=c.trauma_level,
+        ),
+        status=HospitalStatusPublic(
+            diversion=st.diversion,
+            cath_lab_busy=st.cath_lab_busy,
+            ed_beds_free=st.ed_beds_free,
+            set_by=st.set_by,
+            set_at=st.set_at,
+            until=st.until,
+        ),
+    )
+
+
+def _unit_public(unit: UnitRecord, now: datetime) -> UnitPublic:
+    lat, lon = unit.position_deg if unit.position_deg else (None, None)
+    return UnitPublic(
+        unit_id=unit.unit_id,
+        status=unit.status,
+        status_at=unit.status_at,
+        available=unit.available,
+        online=unit.online,
+        gps_fix=unit.gps_fix,
+        lat_deg=lat,
+        lon_deg=lon,
+        position_at=unit.position_at,
+        position_age_s=(now - unit.position_at).total_seconds() if unit.position_at else None,
+        current_alert_id=unit.current_alert_id,
+        destination_hospital_id=unit.destination_hospital_id,
+    )
+
+
+def _recommendation_public(r: Recommendation) -> RecommendationPublic:
+    return RecommendationPublic(
+        hospital_id=r.hospital_id,
+        hospital_name=r.hospital_name,
+        score=r.score,
+        tier=r.tier,
+        eta_s=r.eta_s,
+        reasons=list(r.reasons),
+    )
+
+
+def _alert_fields(a: AlertRecord) -> dict[str, object]:
+    return {
+        "alert_id": a.alert_id,
+        "unit_id": a.unit_id,
+        "case_type": a.case_type,
+        "priority": a.priority,
+        "state": a.state,
+        "hospital_id": a.hospital_id,
+        "hospital_name": a.hospital_name,
+        "departments": list(a.departments),
+        "eta_s": a.eta_s,
+        "eta_at": a.eta_at,
+        "created_at": a.created_at,
+        "historical": a.historical,
+        "reasons": list(a.reasons),
+    }
+
+
+def _alert_detail(a: AlertRecord) -> AlertDetailPublic:
+    return AlertDetailPublic.model_validate(
+        {
+            **_alert_fields(a),
+            "findings": a.findings,
+            "requested_hospital_id": a.requested_hospital_id,
+            "recommendations": [_recommendation_public(r) for r in a.recommendations],
+            "acks": [
+                AckPublic(
+                    state=k.state,
+                    hospital_id=k.hospital_id,
+                    by_role=k.by_role,
+                    department=k.department,
+                    at=k.at,
+                    received_at=k.received_at,
+                )
+                for k in a.acks
+            ],
+            "timeline": [
+                TimelineEventPublic(
+                    at=e.at, source=e.source.value, kind=e.kind.value, detail=e.detail, historical=e.historical
+                )
+                for e in a.timeline
+            ],
+        }
+    )
+
+
+def _parse_point(text: str, name: str) -> tuple[float, float]:
+    try:
+        lat_s, lon_s = text.split(",")
+        point = (float(lat_s), float(lon_s))
+    except ValueError:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{name} must be 'lat,lon' in degrees") from None
+    if not valid_position_deg(point):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{name} is out of range or (0, 0)")
+    return point
+
+
+# --- the app -------------------------------------------------------------------------------------------------------
+
+
+def _service(request: Request) -> DispatchService:
+    service: DispatchService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[DispatchService, Depends(_service)]
+
+
+def create_app(
+    settings: DispatchSettings | None = None,
+    *,
+    service: DispatchService | None = None,
+    registry: HospitalRegistry | None = None,
+    router: RoadRouter | None = None,
+) -> FastAPI:
+    """The dispatch HTTP app.
+
+    Give ``settings`` for an app that owns its :class:`DispatchService` (built and run in the lifespan, stopped
+    at shutdown; ``registry``/``router`` may be passed pre-built), or ``service`` to serve a service the caller
+    runs.  Raises ValueError when neither or both are given.
+    """
+    if (settings is None) == (service is None):
+        raise ValueError("give exactly one of settings or service")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings is None:
+            yield
+            return
+        owned = await asyncio.to_thread(build_service, settings, registry=registry, router=router)
+        app.state.service = owned
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(owned.run(), name="dispatch-service")
+            try:
+                yield
+            finally:
+                task.cancel()
+
+    app = FastAPI(
+        title="GoldenHour dispatch",
+        version="0.1.0",
+        summary="Destination choice with reasons, hospital status, units, pre-alerts and their acknowledgements.",
+        lifespan=lifespan,
+    )
+    if service is not None:
+        app.state.service = service
+
+    @app.get("/api/health", tags=["health"])
+    async def health(svc: ServiceDep) -> HealthPublic:
+        """Broker link and message counters (processed per stream, rejected per reason)."""
+        stats = svc.stats()
+        return HealthPublic(
+            status="ok" if stats.connected else "degraded",
+            mqtt_connected=stats.connected,
+            mqtt_sessions=stats.sessions,
+            queue_depth=stats.queue_depth,
+            processed=stats.processed,
+            rejected=stats.rejected,
+            hospitals=len(svc.registry.hospitals()),
+            road_nodes=svc.router.n_nodes if svc.router else None,
+        )
+
+    @app.get("/api/hospitals", tags=["hospitals"])
+    async def hospitals(svc: ServiceDep) -> list[HospitalPublic]:
+        """Every hospital with capabilities and the live status in force now."""
+        now = utc_now()
+        return [_hospital_public(s.hospital, s.status) for s in svc.registry.snapshot(now)]
+
+    @app.patch(
+        "/api/hospitals/{hospital_id}/status",
+        tags=["hospitals"],
+        responses={404: {"description": "unknown hospital"}, 422: {"description": "invalid change"}},
+    )
+    async def set_hospital_status(hospital_id: str, change: HospitalStatusUpdate, svc: ServiceDep) -> HospitalPublic:
+        """Set diversion, cath-lab availability or free ED spaces; records who and when, optionally until when."""
+        now = utc_now()
+        if change.until is not None and change.until <= now:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "until must be in the future")
+        try:
+            new = svc.registry.set_status(
+                hospital_id,
+                by=change.set_by,
+                at=now,
+                diversion=change.diversion,
+                cath_lab_busy=change.cath_lab_busy,
+                ed_beds_free=change.ed_beds_free,
+                until=change.until,
+            )
+        except UnknownHospitalError:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown hospital") from None
+        return _hospital_public(svc.registry.get(hospital_id), new)
+
+    @app.get("/api/units", tags=["units"])
+    async def units(svc: ServiceDep) -> list[UnitPublic]:
+        """Every unit seen on the bus: last status, last position and its age, availability."""
+        now = utc_now()
+        return [_unit_public(u, now) for u in svc.repo.units()]
+
+    @app.get("/api/alerts", tags=["alerts"])
+    async def alerts(svc: ServiceDep) -> list[AlertPublic]:
+        """Every pre-alert, newest first."""
+        return [AlertPublic.model_validate(_alert_fields(a)) for a in svc.repo.alerts()]
+
+    @app.get("/api/alerts/{alert_id}", tags=["alerts"], responses={404: {"description": "unknown alert"}})
+    async def alert(alert_id: str, svc: ServiceDep) -> AlertDetailPublic:
+        """One alert with its findings, ranking, acknowledgements and timeline."""
+        record = svc.repo.alert(alert_id)
+        if record is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown alert")
+        return _alert_detail(record)
+
+    @app.post("/api/destinations/recommend", tags=["destinations"])
+    async def recommend(body: RecommendRequest, svc: ServiceDep) -> RecommendResponse:
+        """Rank destinations for a case type, findings and position, with reasons (DOMAIN.md section 5)."""
+        now = utc_now()
+        position = (body.position.lat_deg, body.position.lon_deg) if body.position else None
+        if position is not None and not valid_position_deg(position):
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "position (0, 0) is not a fix")
+        snapshots = svc.registry.snapshot(now)
+        etas = await asyncio.to_thread(svc.eta_s_by_hospital, position, snapshots)
+        ranking = rank_destinations(body.case_type, body.findings, position, snapshots, etas, now=now)
+        first = svc.registry.get(ranking[0].hospital_id) if ranking else None
+        return RecommendResponse(
+            priority=priority_for(body.case_type, body.findings),
+            departments=list(departments_for(body.case_type, body.findings, first)),
+            recommendations=[_recommendation_public(r) for r in ranking],
+        )
+
+    @app.get(
+        "/api/route",
+        tags=["routing"],
+        responses={422: {"description": "bad or off-network coordinates"}, 503: {"description": "no road graph"}},
+    )
+    async def route(
+        svc: ServiceDep,
+        from_: Annotated[str, Query(alias="from", description="start 'lat,lon' in degrees")],
+        to: Annotated[str, Query(description="end 'lat,lon' in degrees")],
+    ) -> RoutePublic:
+        """The fastest road route for an emergency vehicle between two points."""
+        if svc.router is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no road graph loaded")
+        start, end = _parse_point(from_, "from"), _parse_point(to, "to")
+        try:
+            result = await asyncio.to_thread(svc.router.route, start, end)
+        except RoutingError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        return RoutePublic(points_deg=result.points_deg, distance_m=result.distance_m, duration_s=result.duration_s)
+
+    return app
