@@ -7,6 +7,8 @@ from broker_config.codec import MODELS, PayloadError, decode, decode_as, decode_
 from broker_config.codes import VITAL_CODES, VitalCode, code_for_field
 from broker_config.payloads import (
     SCHEMA_VERSION,
+    Activation,
+    ActivationState,
     AlertAck,
     AlertState,
     Availability,
@@ -35,6 +37,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "STREAMS",
     "VITAL_CODES",
+    "Activation",
+    "ActivationState",
     "AlertAck",
     "AlertState",
     "Availability",

@@ -21,6 +21,8 @@ from broker_config.topics import ID_PATTERN
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Activation",
+    "ActivationState",
     "AlertAck",
     "AlertState",
     "Availability",
@@ -248,6 +250,11 @@ class Findings(_Model):
     gcs_total: Annotated[int, Field(ge=3, le=15)] | None = None
     gcs_motor: Annotated[int, Field(ge=1, le=6)] | None = None
     trauma_red_criteria: tuple[Annotated[str, Field(max_length=64)], ...] = ()
+    sbp_mmhg: Annotated[float, Field(ge=0, le=350)] | None = None
+    """Crew-measured vitals at the time of the pre-alert, for the ACS 2021 physiological criteria."""
+    heart_rate_bpm: Annotated[float, Field(ge=0, le=350)] | None = None
+    resp_rate_per_min: Annotated[float, Field(ge=0, le=150)] | None = None
+    spo2_pct: Annotated[float, Field(ge=0, le=100)] | None = None
     note: Annotated[str, Field(max_length=500)] = ""
     """Free text from the crew: shown HTML-escaped, never logged."""
 
@@ -290,9 +297,34 @@ class AlertState(StrEnum):
     CANCELLED = "cancelled"
 
 
+class ActivationState(StrEnum):
+    """Where one department's activation stands."""
+
+    PAGED = "paged"
+    ACKNOWLEDGED = "acknowledged"
+    ESCALATED = "escalated"
+    CANCELLED = "cancelled"
+
+
+class Activation(_Model):
+    """One receiving department activated by a pre-alert, with its acknowledgement and escalation clock."""
+
+    department: Department
+    state: ActivationState = ActivationState.PAGED
+    level: Literal["primary", "backup", "supervisor"] = "primary"
+    """Who is being paged now: escalation moves primary -> backup -> supervisor."""
+    paged_at: UtcDatetime | None = None
+    escalate_at: UtcDatetime | None = None
+    """When the page escalates if nobody acknowledges (None once acknowledged)."""
+    acknowledged_at: UtcDatetime | None = None
+    acknowledged_by_role: Annotated[str, Field(max_length=64)] | None = None
+
+
 class HospitalAlert(Envelope):
     """Dispatch to one hospital's board: a patient is coming.  ``unit_id`` is the ambulance; ``seq`` is
-    dispatch's own counter for this hospital's alert stream."""
+    dispatch's own counter.  Dispatch re-publishes the alert (same ``alert_id``, new ``seq``) whenever its state,
+    ETA or activations change; the latest ``seq`` wins.  A pre-alert is never suppressed because it was delayed:
+    ``historical`` tells the board to show the delay, not to stay silent."""
 
     alert_id: OpaqueId
     hospital_id: OpaqueId
@@ -303,6 +335,7 @@ class HospitalAlert(Envelope):
     findings: Findings = Findings()
     reasons: tuple[Annotated[str, Field(max_length=200)], ...] = ()
     state: AlertState = AlertState.SENT
+    activations: tuple[Activation, ...] = ()
 
 
 class AlertAck(Envelope):
@@ -321,6 +354,8 @@ class NoticeKind(StrEnum):
 
     DESTINATION = "destination"
     ALERT_STATE = "alert_state"
+    ASSIGNMENT = "assignment"
+    """Dispatch assigns the unit to an incident; the crew answers with a Status(assigned, incident_id)."""
 
 
 class Notice(Envelope):
@@ -333,6 +368,10 @@ class Notice(Envelope):
     reasons: tuple[Annotated[str, Field(max_length=200)], ...] = ()
     alert_state: AlertState | None = None
     eta_at: UtcDatetime | None = None
+    activations: tuple[Activation, ...] = ()
+    incident_id: OpaqueId | None = None
+    incident_lat_deg: Annotated[float, Field(ge=-90, le=90)] | None = None
+    incident_lon_deg: Annotated[float, Field(ge=-180, le=180)] | None = None
 
 
 # --- telemetry store -> everyone ----------------------------------------------------------------------------------
