@@ -1,0 +1,59 @@
+"""Settings of the ED board service (environment prefix ``EMS_BOARD_``; the broker itself under ``EMS_MQTT_``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker_config import BrokerSettings
+from broker_config.topics import ID_PATTERN
+
+__all__ = ["BoardSettings"]
+
+
+class BoardSettings(BaseSettings):
+    """How the board connects, which hospital it shows by default, and its feed limits.
+
+    Every limit is bounded so that a bad value refuses to start rather than producing an unbounded queue.
+    ``stale_after_s``: a vital sign older than this is shown greyed with its age, never as current (the
+    monitors in the ambulance report every 1-5 s, so 10 s means at least two reports were missed).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EMS_BOARD_", env_nested_delimiter="__", extra="ignore")
+
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    topic_prefix: str = ""
+    """Empty in production; tests use a unique prefix each (see :class:`broker_config.TopicSpace`)."""
+    default_hospital_id: Annotated[str, Field(pattern=ID_PATTERN.pattern)] = "H1"
+    stale_after_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    nibp_stale_after_s: Annotated[float, Field(gt=0, le=3_600)] = 300.0
+    """A cuff blood pressure is cycled every few minutes, not streamed, so it has its own staleness limit."""
+    ecg_window_s: Annotated[float, Field(gt=0, le=30)] = 10.0
+    """How much of the first ECG lead each unit keeps for the strip (and a new board's snapshot)."""
+    dispatch_url: AnyHttpUrl | None = None
+    """Dispatch's HTTP API, used only for hospital names (``GET {dispatch_url}/api/hospitals/{id}``)."""
+    dispatch_timeout_s: Annotated[float, Field(gt=0, le=30)] = 2.0
+    heartbeat_s: Annotated[float, Field(gt=0, le=30)] = 2.0
+    """SSE comment interval: keeps proxies open and lets a send to a dead client fail (FF-13)."""
+    client_queue_items: Annotated[int, Field(ge=16, le=100_000)] = 2_000
+    """Per-board outbound bound; beyond it the board is disconnected and resyncs (FF-14)."""
+    client_max_lag_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """A board whose oldest undelivered event is older than this is disconnected (FF-14)."""
+    send_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Deadline of one write to a board's socket; a write that cannot complete disconnects that board."""
+    ingest_queue_items: Annotated[int, Field(ge=16, le=1_000_000)] = 20_000
+    """Bound of the MQTT -> state queue (callbacks only enqueue, FF-01)."""
+    publish_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    alert_retention_s: Annotated[float, Field(gt=0)] = 3_600.0
+    """How long a closed (cancelled / handed-over) alert is kept, so a late acknowledgement gets 409, not 404."""
+    unit_retention_s: Annotated[float, Field(gt=0)] = 6 * 3_600.0
+    """A unit heard from by nobody for this long and not inbound anywhere is forgotten."""
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value and (not value.endswith("/") or any(c in value for c in "+#")):
+            raise ValueError("topic_prefix must end with '/' and contain no wildcard")
+        return value

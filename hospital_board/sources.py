@@ -1,0 +1,363 @@
+"""Adapters feeding the board: the MQTT subscription (with its error boundary) and dispatch's hospital names.
+
+MQTT path (FF-01): the link's message callback only parses the topic and enqueues the raw bytes on a bounded
+queue, returning at once; one worker task decodes (:func:`broker_config.decode`), applies the model to the
+:class:`~hospital_board.state.BoardState` and hands the resulting events to the :class:`~hospital_board.feed.FeedHub`.
+Every failure is counted by reason and logged with identifiers only (topic, unit or hospital id, seq, size),
+never payload contents; the loop goes on.
+
+Alerts, acknowledgements, availability and status travel on a separate control queue that is drained first and
+never dropped (a full one makes the callback wait, bounded, so QoS 1 back-pressure reaches the broker);
+telemetry (vitals, ECG, GPS) is dropped and counted when its queue is full, because a newer sample follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import aiomqtt
+import httpx
+
+from broker_config import (
+    STREAMS,
+    AlertAck,
+    AlertState,
+    Availability,
+    Department,
+    EcgChunk,
+    GpsFix,
+    HospitalAlert,
+    ParsedTopic,
+    PayloadError,
+    Status,
+    Stream,
+    TopicError,
+    TopicSpace,
+    Vitals,
+    decode,
+    encode,
+    utc_now,
+)
+from broker_config.connection import MqttLink, NotConnectedError
+from hospital_board.feed import FeedHub
+from hospital_board.state import BoardError, BoardEvent, BoardState
+
+__all__ = ["BOARD_STREAMS", "AckSequence", "BoardIngest", "HospitalDirectory"]
+
+logger = logging.getLogger(__name__)
+
+BOARD_STREAMS: tuple[Stream, ...] = (
+    Stream.ALERT,
+    Stream.ACK,
+    Stream.AVAILABILITY,
+    Stream.STATUS,
+    Stream.VITALS,
+    Stream.ECG,
+    Stream.GPS,
+)
+"""Streams the board subscribes to, for every hospital and every unit."""
+
+_CONTROL = frozenset({Stream.ALERT, Stream.ACK, Stream.AVAILABILITY, Stream.STATUS})
+_LOG_FIRST_N = 10
+_LOG_EVERY_N = 1_000
+_RECEIPT_ATTEMPTS = 5
+_RECEIPT_RETRY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Inbound:
+    parsed: ParsedTopic
+    topic: str
+    payload: bytes
+
+
+class AckSequence:
+    """``seq`` for the board's own AlertAcks: strictly increasing and, being seeded from the wall clock in
+    microseconds, not repeated after a restart (the envelope's "never repeats" rule)."""
+
+    def __init__(self, clock_us: Callable[[], int] = lambda: time.time_ns() // 1_000) -> None:
+        self._clock_us = clock_us
+        self._last = -1
+
+    def next(self) -> int:
+        """The next sequence number."""
+        self._last = max(self._last + 1, self._clock_us())
+        return self._last
+
+
+class BoardIngest:
+    """MQTT -> state -> feed, plus the ``on_board`` delivery receipts.
+
+    Attributes:
+        rejects: dropped messages by reason (numbers in reasons are folded to ``#`` so the keys stay few).
+        accepted: messages applied, by stream name.
+    """
+
+    def __init__(
+        self,
+        state: BoardState,
+        hub: FeedHub,
+        space: TopicSpace,
+        link: MqttLink,
+        *,
+        queue_items: int = 20_000,
+        publish_timeout_s: float = 5.0,
+        clock: Callable[[], datetime] = utc_now,
+        ack_seq: AckSequence | None = None,
+    ) -> None:
+        self.state = state
+        self.hub = hub
+        self.space = space
+        self.link = link
+        self.publish_timeout_s = publish_timeout_s
+        self.clock = clock
+        self.ack_seq = ack_seq or AckSequence()
+        self._control: deque[_Inbound] = deque()
+        self._telemetry: deque[_Inbound] = deque()
+        self._queue_items = queue_items
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._receipts: asyncio.Queue[HospitalAlert] = asyncio.Queue(maxsize=1_000)
+        self.rejects: Counter[str] = Counter()
+        self.accepted: Counter[str] = Counter()
+        self.receipts_sent = 0
+
+    # --- MQTT callbacks (fast) -------------------------------------------------------------------------------
+
+    async def on_connect(self, client: aiomqtt.Client) -> None:
+        """Subscribe to every hospital's alert/ack stream and every unit's availability/status/vitals/ecg/gps."""
+        await client.subscribe([(self.space.filter(s), STREAMS[s].qos) for s in BOARD_STREAMS])
+        logger.info("board subscribed streams=%d", len(BOARD_STREAMS))
+
+    async def on_message(self, message: aiomqtt.Message) -> None:
+        """Enqueue only (FF-01).  Waits (bounded) only when the control queue is full."""
+        topic = message.topic.value
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            self.reject(topic, None, 0, "payload is not bytes")
+            return
+        try:
+            parsed = self.space.parse(topic)
+        except TopicError as exc:
+            self.reject(topic, None, len(payload), exc.reason)
+            return
+        item = _Inbound(parsed, topic, bytes(payload))
+        if parsed.stream in _CONTROL:
+            if len(self._control) >= self._queue_items:
+                self._room.clear()
+                try:
+                    async with asyncio.timeout(self.publish_timeout_s):
+                        await self._room.wait()
+                except TimeoutError:
+                    self.reject(topic, parsed.owner_id, len(payload), "control queue full")
+                    return
+            self._control.append(item)
+        else:
+            if len(self._telemetry) >= self._queue_items:
+                self.reject(topic, parsed.owner_id, len(payload), "telemetry queue full")
+                return
+            self._telemetry.append(item)
+        self._wake.set()
+
+    # --- worker --------------------------------------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting to be applied."""
+        return len(self._control) + len(self._telemetry)
+
+    async def run(self, idle_wait_s: float = 1.0) -> None:
+        """Apply queued messages forever (control first).  Returns only when cancelled."""
+        while True:
+            if not self._control and not self._telemetry:
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(idle_wait_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    continue
+            for _ in range(256):
+                if self._control:
+                    item = self._control.popleft()
+                    self._room.set()
+                elif self._telemetry:
+                    item = self._telemetry.popleft()
+                else:
+                    break
+                self.handle(item.topic, item.payload, item.parsed.owner_id)
+            await asyncio.sleep(0)  # yield to the feed senders between batches
+
+    def handle(self, topic: str, payload: bytes, owner: str | None = None) -> None:
+        """Decode and apply one message inside the error boundary: never raises.  ``owner`` (unit or hospital
+        id from the topic) is only for the log line."""
+        try:
+            parsed, model = decode(self.space, topic, payload)
+            events = self._apply(model)
+        except PayloadError as exc:
+            self.reject(topic, owner, len(payload), exc.reason)
+            return
+        except BoardError as exc:
+            self.reject(topic, owner, len(payload), f"{type(exc).__name__}")
+            return
+        except Exception as exc:  # noqa: BLE001 - the per-message error boundary (STYLE.md "never die on input")
+            self.reject(topic, owner, len(payload), f"handler error {type(exc).__name__}")
+            return
+        self.accepted[parsed.stream.value] += 1
+        self.hub.publish(events)
+
+    def _apply(self, model: object) -> list[BoardEvent]:
+        now_at = self.clock()
+        state = self.state
+        if isinstance(model, HospitalAlert):
+            events, is_new = state.apply_alert(model, now_at)
+            if is_new and not model.historical:
+                try:
+                    self._receipts.put_nowait(model)
+                except asyncio.QueueFull:
+                    self.rejects["receipt queue full"] += 1
+            return events
+        if isinstance(model, Vitals):
+            return state.apply_vitals(model, now_at)
+        if isinstance(model, EcgChunk):
+            return state.apply_ecg(model, now_at)
+        if isinstance(model, GpsFix):
+            return state.apply_gps(model, now_at)
+        if isinstance(model, Availability):
+            return state.apply_availability(model, now_at)
+        if isinstance(model, Status):
+            return state.apply_status(model, now_at)
+        if isinstance(model, AlertAck):
+            return state.apply_ack(model, now_at)
+        return []
+
+    def reject(self, topic: str, owner_id: str | None, size_bytes: int, reason: str) -> None:
+        """Count and log one dropped message: identifiers and sizes only, never contents."""
+        key = re.sub(r"\d{2,}", "#", reason)[:120]
+        self.rejects[key] += 1
+        n = self.rejects[key]
+        if n <= _LOG_FIRST_N or n % _LOG_EVERY_N == 0:
+            logger.warning(
+                "board dropped message topic=%s owner=%s bytes=%d reason=%s count=%d",
+                topic[:200],
+                owner_id,
+                size_bytes,
+                key,
+                n,
+            )
+
+    # --- receipts and acknowledgements ---------------------------------------------------------------------------
+
+    async def publish_ack(
+        self,
+        *,
+        alert_id: str,
+        unit_id: str,
+        hospital_id: str,
+        state: AlertState,
+        by_role: str,
+        at: datetime,
+        department: Department | None = None,
+    ) -> None:
+        """Publish an AlertAck on the hospital's ack stream (QoS 1, PUBACK awaited within the timeout).
+
+        Raises:
+            NotConnectedError: the broker link is down or did not confirm in time.
+        """
+        ack = AlertAck(
+            unit_id=unit_id,
+            seq=self.ack_seq.next(),
+            sent_at=self.clock(),
+            alert_id=alert_id,
+            hospital_id=hospital_id,
+            state=state,
+            department=department,
+            by_role=by_role,
+            at=at,
+        )
+        spec = STREAMS[Stream.ACK]
+        await self.link.publish(
+            self.space.topic(Stream.ACK, hospital_id),
+            encode(Stream.ACK, ack),
+            qos=spec.qos,
+            retain=spec.retain,
+            timeout_s=self.publish_timeout_s,
+        )
+
+    async def run_receipts(self) -> None:
+        """Publish ``on_board`` receipts for newly displayed alerts, retrying a few times while the link is down."""
+        while True:
+            alert = await self._receipts.get()
+            for attempt in range(_RECEIPT_ATTEMPTS):
+                try:
+                    await self.publish_ack(
+                        alert_id=alert.alert_id,
+                        unit_id=alert.unit_id,
+                        hospital_id=alert.hospital_id,
+                        state=AlertState.ON_BOARD,
+                        by_role="board",
+                        at=self.clock(),
+                    )
+                except NotConnectedError:
+                    logger.warning("on_board receipt not confirmed alert=%s attempt=%d", alert.alert_id, attempt + 1)
+                    await asyncio.sleep(_RECEIPT_RETRY_S)
+                    continue
+                self.receipts_sent += 1
+                self.hub.publish(self.state.mark_on_board(alert.alert_id, self.clock()))
+                break
+            else:
+                self.rejects["receipt not confirmed"] += 1
+
+
+class HospitalDirectory:
+    """Hospital display names from dispatch (``GET {dispatch_url}/api/hospitals/{id}`` -> JSON with ``name``).
+
+    Any failure (no URL, timeout, non-200, no name) gives the id itself; answers are cached, failures for
+    ``retry_after_s``.  Every call is bounded by ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient | None,
+        base_url: str | None,
+        *,
+        timeout_s: float = 2.0,
+        retry_after_s: float = 60,
+    ) -> None:
+        self._client = client
+        self._base_url = base_url.rstrip("/") if base_url else None
+        self._timeout_s = timeout_s
+        self._retry_after_s = retry_after_s
+        self._names: dict[str, str] = {}
+        self._failed_at: dict[str, float] = {}
+
+    async def name(self, hospital_id: str) -> str:
+        """The hospital's display name, or its id when dispatch cannot tell."""
+        if hospital_id in self._names:
+            return self._names[hospital_id]
+        if self._client is None or self._base_url is None:
+            return hospital_id
+        failed = self._failed_at.get(hospital_id)
+        if failed is not None and time.monotonic() - failed < self._retry_after_s:
+            return hospital_id
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.get(f"{self._base_url}/api/hospitals/{hospital_id}")
+            response.raise_for_status()
+            data = response.json()
+            name = data.get("name") if isinstance(data, dict) else None
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError("no name")
+        except (httpx.HTTPError, TimeoutError, ValueError) as exc:
+            self._failed_at[hospital_id] = time.monotonic()
+            logger.info("hospital name unavailable hospital=%s reason=%s", hospital_id, type(exc).__name__)
+            return hospital_id
+        self._names[hospital_id] = name.strip()[:200]
+        return self._names[hospital_id]

@@ -1,0 +1,464 @@
+"""MQTT -> store ingest: subscribe to every stored unit stream, decode behind an error boundary, batch, write.
+
+Shape of the data path (FF-01: the receive loop never waits on the database)::
+
+    MqttLink receive loop --on_message: decode + gap check + put_nowait--> bounded asyncio.Queue
+        --writer task: batches by count (batch_max) and age (batch_age_s)--> Store.write (retried with back-off)
+        --after each stored batch--> GapRecord messages published on the gap stream
+
+* Persistent session: fixed client id, clean_session=False, QoS 1 subscriptions (FF-02, FF-19), so a
+  disconnect costs latency, not data.  Video is not subscribed: it is a live view and is never stored.
+* Error boundary: a payload the codec refuses (truncated, wrong types, wrong schema version, non-UTF-8, oversized,
+  a unit id that does not match the topic) is counted under its reason and logged as one warning line with the
+  topic, reason and size only - never the payload, which is health data.  The loop goes on.
+* A failed write (database down or stalled: StoreUnavailableError, or the write deadline) keeps the batch and
+  retries with capped exponential back-off and jitter while messages keep queueing; rows the database refuses
+  (WriteError) are retried one message at a time and only the refused ones are dropped and counted.
+* Gap detection on vitals, ECG and GPS (telemetry.gaps): a jump records a GapRecord in the store and publishes it
+  on ``space.topic(Stream.GAP, unit_id)``; late arrivals are stored and shrink the gap (Store.gaps reports what is
+  still missing).  Availability, status and pre-alert seqs are not gap-checked (seq semantics differ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import TypeVar
+
+import aiomqtt
+from pydantic import BaseModel
+
+from broker_config import (
+    STREAMS,
+    BrokerSettings,
+    GapRecord,
+    ParsedTopic,
+    PayloadError,
+    Scope,
+    Stream,
+    TopicSpace,
+    decode,
+    encode,
+    utc_now,
+)
+from broker_config.connection import Backoff, MqttLink, NotConnectedError
+from telemetry.errors import StoreUnavailableError, WriteError
+from telemetry.gaps import Arrival, GapTracker
+from telemetry.records import GAP_TRACKED_STREAMS, STORED_STREAMS, WriteResult
+from telemetry.store import Store
+
+__all__ = ["Ingest", "IngestStats", "RejectReason", "classify_rejection", "subscription_filters"]
+
+logger = logging.getLogger(__name__)
+
+Item = tuple[ParsedTopic, BaseModel, datetime]
+T = TypeVar("T")
+
+
+class RejectReason(StrEnum):
+    """Why a message was not stored (the keys of ``IngestStats.rejected``)."""
+
+    TOPIC = "topic"
+    OVERSIZED = "oversized"
+    NOT_UTF8 = "not_utf8"
+    MALFORMED = "malformed"
+    """Truncated or otherwise unparseable JSON or GHE1 binary."""
+    SCHEMA_VERSION = "schema_version"
+    INVALID_FIELDS = "invalid_fields"
+    """Wrong types, missing or out-of-range fields."""
+    UNIT_MISMATCH = "unit_mismatch"
+    """The unit (or hospital) id in the payload is not the one in the topic."""
+    QUEUE_FULL = "queue_full"
+    STORE_REFUSED = "store_refused"
+    OTHER = "other"
+
+
+_REASON_MARKERS: tuple[tuple[str, RejectReason], ...] = (
+    ("does not match the topic", RejectReason.UNIT_MISMATCH),
+    ("exceeds the", RejectReason.OVERSIZED),
+    ("not valid UTF-8", RejectReason.NOT_UTF8),
+    ("schema_version", RejectReason.SCHEMA_VERSION),
+    ("invalid fields", RejectReason.INVALID_FIELDS),
+    ("invalid values", RejectReason.INVALID_FIELDS),
+    ("not valid JSON", RejectReason.MALFORMED),
+    ("not a JSON object", RejectReason.MALFORMED),
+    ("ECG chunk", RejectReason.MALFORMED),
+    ("GHE1", RejectReason.MALFORMED),
+    ("ECG sample encoding", RejectReason.MALFORMED),
+    ("outside the topic space", RejectReason.TOPIC),
+    ("expected {scope}", RejectReason.TOPIC),
+    ("unknown scope or stream", RejectReason.TOPIC),
+    ("not allowed in this scope", RejectReason.TOPIC),
+    ("not an opaque id", RejectReason.TOPIC),
+    ("no decodable payload model", RejectReason.TOPIC),
+)
+
+
+def classify_rejection(reason: str) -> RejectReason:
+    """Map a :class:`broker_config.PayloadError` reason to a counter key.
+
+    The contract's PayloadError carries only a text ``reason``; this is the single place that reads it (a
+    ``kind`` attribute on PayloadError is requested from the contract owners, then this becomes a lookup).
+    """
+    for marker, kind in _REASON_MARKERS:
+        if marker in reason:
+            return kind
+    return RejectReason.OTHER
+
+
+def subscription_filters(space: TopicSpace, share_group: str | None = None) -> list[str]:
+    """The ingest's QoS 1 subscription filters: every stored unit-scope stream of every unit (video excluded).
+
+    With ``share_group``, each filter is an MQTT shared subscription ``$share/{group}/...`` (load-balanced workers).
+    """
+    filters = [
+        space.filter(stream)
+        for stream, spec in STREAMS.items()
+        if spec.scope is Scope.UNIT and stream in STORED_STREAMS
+    ]
+    return [space.shared(share_group, f) for f in filters] if share_group else filters
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """Counters of one ingest (monotonic since start), safe to read at any time.
+
+    Message counts: ``received`` = every MQTT message; ``rejected`` by :class:`RejectReason`; ``inserted`` and
+    ``duplicates`` per stream as reported by the store; ``ignored`` = delivered but not stored (video).
+    Gaps: ``gaps_detected`` ranges opened, ``late_fills`` seqs that arrived inside an open range, ``gaps_closed``
+    ranges fully filled.  ``handler_max_s`` is the slowest on_message call (FF-01: must stay in milliseconds).
+    """
+
+    received: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    inserted: Counter[Stream] = field(default_factory=Counter)
+    duplicates: Counter[Stream] = field(default_factory=Counter)
+    ignored: Counter[Stream] = field(default_factory=Counter)
+    gaps_detected: int = 0
+    late_fills: int = 0
+    gaps_closed: int = 0
+    gaps_published: int = 0
+    batches: int = 0
+    write_retries: int = 0
+    queue_depth: int = 0
+    queue_high_water: int = 0
+    handler_max_s: float = 0.0
+    last_write_s: float = 0.0
+
+    @property
+    def total_rejected(self) -> int:
+        """All rejected messages."""
+        return sum(self.rejected.values())
+
+    def stored(self, stream: Stream) -> int:
+        """Messages of ``stream`` that are in the store (inserted now or found already there)."""
+        return self.inserted[stream] + self.duplicates[stream]
+
+
+class Ingest:
+    """The telemetry ingest service: MQTT (persistent session) -> bounded queue -> batched store writes.
+
+    Args:
+        store: an opened, migrated :class:`telemetry.store.Store`.
+        broker: where the broker is.
+        space: the topic space (empty prefix in production).
+        client_id: fixed MQTT client id; with ``clean_session=False`` the broker queues QoS 1 messages while the
+            ingest is away (FF-02).
+        batch_max: messages per write at most.
+        batch_age_s: a batch is written at the latest this long after its first message arrived.
+        queue_max: capacity of the in-memory queue between the receive loop and the writer.
+        write_timeout_s: deadline of one store write; past it the write counts as failed and is retried.
+        retry_min_s, retry_max_s: back-off bounds for failed writes (capped exponential, full jitter).
+        share_group: subscribe through ``$share/{group}/`` so several workers split the load.  Gap detection is
+            then off (each worker sees only part of every unit's sequence); query ``Store.seqs`` instead.
+        enqueue_timeout_s: how long the receive loop waits for room when the queue is full before it drops the
+            message (counted as ``queue_full``; the next message of that stream then shows the gap).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        broker: BrokerSettings,
+        space: TopicSpace,
+        *,
+        client_id: str = "goldenhour-ingest",
+        batch_max: int = 1000,
+        batch_age_s: float = 0.25,
+        queue_max: int = 100_000,
+        write_timeout_s: float = 30.0,
+        retry_min_s: float = 0.2,
+        retry_max_s: float = 10.0,
+        share_group: str | None = None,
+        enqueue_timeout_s: float = 5.0,
+    ) -> None:
+        if batch_max < 1 or queue_max < 1 or batch_age_s <= 0 or write_timeout_s <= 0:
+            raise ValueError("batch_max, queue_max, batch_age_s and write_timeout_s must be positive")
+        self.store = store
+        self.space = space
+        self.batch_max = batch_max
+        self.batch_age_s = batch_age_s
+        self.write_timeout_s = write_timeout_s
+        self.retry_min_s = retry_min_s
+        self.retry_max_s = retry_max_s
+        self.share_group = share_group
+        self.enqueue_timeout_s = enqueue_timeout_s
+        self.detect_gaps = share_group is None
+        self.stats = IngestStats()
+        self.link = MqttLink(broker, client_id=client_id, clean_session=False)
+        self.ready = asyncio.Event()
+        """Set once the resume state is loaded and the receive loop may start."""
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(queue_max)
+        self._tracker = GapTracker()
+        self._gap_seq: dict[str, int] = {}
+        self._unpublished: deque[GapRecord] = deque(maxlen=10_000)
+        self._inflight: list[Item] = []
+        self._changed = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Load the resume state, then receive and write until cancelled.
+
+        On cancellation the messages already taken from the broker are written (bounded by ``write_timeout_s``)
+        before returning.  Raises :class:`broker_config.connection.AuthError` if the broker refuses us.
+        """
+        await self.resume()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(self._on_connect, self._on_message), name="ingest-mqtt")
+                tg.create_task(self._writer(), name="ingest-writer")
+        finally:
+            await self._drain()
+
+    async def resume(self) -> None:
+        """Load the highest stored seqs (retrying while the store is unavailable) so that a restart neither
+        re-reports old gaps nor reuses GapRecord seqs; then set :attr:`ready`."""
+        state = await self._with_retry("load ingest state", self.store.ingest_state)
+        self._tracker.seed(state.max_seq)
+        for unit_id, top in state.max_gap_seq.items():
+            self._gap_seq[unit_id] = max(top, self._gap_seq.get(unit_id, -1))
+        self.ready.set()
+
+    async def wait_until(self, predicate: Callable[[IngestStats], bool], timeout_s: float) -> None:
+        """Wait until ``predicate(self.stats)`` holds (checked after every change).  Raises TimeoutError."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate(self.stats):
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        self.stats.queue_depth = self._queue.qsize()
+        self.stats.queue_high_water = max(self.stats.queue_high_water, self.stats.queue_depth)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _with_retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        backoff = Backoff(self.retry_min_s, self.retry_max_s)
+        while True:
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    return await call()
+            except (StoreUnavailableError, TimeoutError) as exc:
+                delay = max(self.retry_min_s, backoff.next_delay_s())
+                logger.warning("%s failed (%s); retry in %.2f s", what, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+
+    # --- receive side (runs in the MQTT loop: no I/O, no waiting except for room in the queue) --------------------
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        filters = subscription_filters(self.space, self.share_group)
+        await client.subscribe([(f, 1) for f in filters], timeout=10)
+        logger.info("ingest subscribed filters=%d session=%d", len(filters), self.link.sessions)
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        started = time.monotonic()
+        received_at = utc_now()
+        topic = message.topic.value
+        payload = message.payload
+        self.stats.received += 1
+        try:
+            if not isinstance(payload, bytes | bytearray):
+                raise PayloadError(topic, "payload is not valid JSON (truncated or malformed)")
+            parsed, model = decode(self.space, topic, bytes(payload))
+        except PayloadError as exc:
+            kind = classify_rejection(exc.reason)
+            self.stats.rejected[kind] += 1
+            size = len(payload) if isinstance(payload, bytes | bytearray) else 0
+            logger.warning("message rejected topic=%s reason=%s kind=%s bytes=%d", topic, exc.reason, kind, size)
+            self._notify()
+            return
+        if parsed.stream not in STORED_STREAMS:
+            self.stats.ignored[parsed.stream] += 1
+            return
+        if not await self._enqueue((parsed, model, received_at)):
+            self.stats.rejected[RejectReason.QUEUE_FULL] += 1
+            logger.warning("message dropped, queue full topic=%s seq=%s", topic, getattr(model, "seq", None))
+            self._notify()
+            return
+        if self.detect_gaps and parsed.stream in GAP_TRACKED_STREAMS:
+            await self._track(parsed, model, received_at)
+        self._notify()
+        self.stats.handler_max_s = max(self.stats.handler_max_s, time.monotonic() - started)
+
+    async def _enqueue(self, item: Item) -> bool:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            try:
+                async with asyncio.timeout(self.enqueue_timeout_s):
+                    await self._queue.put(item)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _track(self, parsed: ParsedTopic, model: BaseModel, received_at: datetime) -> None:
+        unit_id = parsed.owner_id
+        seq = int(getattr(model, "seq", 0))
+        observed = self._tracker.observe(unit_id, parsed.stream, seq)
+        if observed.arrival is Arrival.GAP and observed.gap is not None:
+            lo, hi = observed.gap
+            gap_seq = self._gap_seq.get(unit_id, -1) + 1
+            self._gap_seq[unit_id] = gap_seq
+            record = GapRecord(
+                unit_id=unit_id,
+                seq=gap_seq,
+                sent_at=received_at,
+                stream=parsed.stream.value,
+                from_seq=lo,
+                to_seq=hi,
+                detected_at=received_at,
+            )
+            self.stats.gaps_detected += 1
+            logger.warning("sequence gap unit=%s stream=%s from_seq=%d to_seq=%d", unit_id, parsed.stream, lo, hi)
+            gap_topic = ParsedTopic(Scope.TELEMETRY, unit_id, Stream.GAP)
+            if not await self._enqueue((gap_topic, record, received_at)):
+                logger.error("gap record dropped, queue full unit=%s stream=%s", unit_id, parsed.stream)
+        elif observed.arrival is Arrival.LATE_FILL:
+            self.stats.late_fills += 1
+            if observed.gap_closed:
+                self.stats.gaps_closed += 1
+                logger.info("sequence gap filled unit=%s stream=%s seq=%d", unit_id, parsed.stream, seq)
+
+    # --- write side -----------------------------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        while True:
+            batch = await self._collect()
+            if batch:
+                self._inflight = batch
+                await self._store_batch(batch)
+                self._inflight = []
+            await self._publish_gaps()
+
+    async def _collect(self) -> list[Item]:
+        """The next batch: waits (bounded) for a first message, then up to ``batch_age_s`` for more."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(max(1.0, self.batch_age_s)):
+                first = await self._queue.get()
+        except TimeoutError:
+            return []
+        batch = [first]
+        deadline = loop.time() + self.batch_age_s
+        while len(batch) < self.batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    batch.append(await self._queue.get())
+            except TimeoutError:
+                break
+        return batch
+
+    async def _store_batch(self, batch: list[Item]) -> None:
+        """Write ``batch`` until it is stored: retry while the store is unavailable; isolate refused messages."""
+        try:
+            result = await self._write_retrying(batch)
+        except WriteError as exc:
+            logger.warning("store refused a batch of %d (%s); writing one by one", len(batch), exc.cause)
+            result = WriteResult()
+            for item in batch:
+                try:
+                    result.add(await self._write_retrying([item]))
+                except WriteError as item_exc:
+                    parsed, model, _ = item
+                    self.stats.rejected[RejectReason.STORE_REFUSED] += 1
+                    logger.warning(
+                        "message refused by the store unit=%s stream=%s seq=%s sqlstate=%s",
+                        parsed.owner_id,
+                        parsed.stream,
+                        getattr(model, "seq", None),
+                        item_exc.sqlstate,
+                    )
+        self.stats.inserted.update(result.inserted)
+        self.stats.duplicates.update(result.duplicates)
+        self.stats.ignored.update(result.ignored)
+        self.stats.batches += 1
+        self._unpublished.extend(m for p, m, _ in batch if p.stream is Stream.GAP and isinstance(m, GapRecord))
+        self._notify()
+
+    async def _write_retrying(self, batch: list[Item]) -> WriteResult:
+        backoff = Backoff(self.retry_min_s, self.retry_max_s)
+        while True:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    result = await self.store.write(batch)
+            except (StoreUnavailableError, TimeoutError) as exc:
+                self.stats.write_retries += 1
+                delay = max(self.retry_min_s, backoff.next_delay_s())
+                logger.warning(
+                    "store write failed batch=%d cause=%s queued=%d; retry in %.2f s",
+                    len(batch),
+                    getattr(exc, "cause", type(exc).__name__),
+                    self._queue.qsize(),
+                    delay,
+                )
+                self._notify()
+                await asyncio.sleep(delay)
+                continue
+            self.stats.last_write_s = time.monotonic() - started
+            return result
+
+    async def _publish_gaps(self) -> None:
+        while self._unpublished and self.link.connected.is_set():
+            record = self._unpublished[0]
+            try:
+                await self.link.publish(
+                    self.space.topic(Stream.GAP, record.unit_id),
+                    encode(Stream.GAP, record),
+                    qos=STREAMS[Stream.GAP].qos,
+                    retain=STREAMS[Stream.GAP].retain,
+                    timeout_s=5,
+                )
+            except NotConnectedError:
+                return  # kept; retried after the next batch
+            self._unpublished.popleft()
+            self.stats.gaps_published += 1
+            self._notify()
+
+    async def _drain(self) -> None:
+        """On shutdown: write the in-flight batch and whatever is queued, bounded by ``write_timeout_s``."""
+        pending = list(self._inflight)
+        while not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        self._inflight = []
+        if not pending:
+            return
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                for start in range(0, len(pending), self.batch_max):
+                    await self._store_batch(pending[start : start + self.batch_max])
+        except TimeoutError:
+            logger.error("shutdown: %d received messages could not be stored in time", len(pending))

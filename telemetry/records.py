@@ -1,0 +1,181 @@
+"""Value types returned by the store: frozen dataclasses and numpy arrays, never table rows or dicts of rows.
+
+Times are timezone-aware UTC.  Vital codes follow :data:`broker_config.codes.VITAL_CODES` (LOINC, IEEE 11073 MDC,
+UCUM as fixed by the FHIR R4 vital-signs profiles).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from broker_config import Stream
+
+__all__ = [
+    "STORED_STREAMS",
+    "GAP_TRACKED_STREAMS",
+    "EcgWindow",
+    "GapInfo",
+    "GpsPoint",
+    "IngestState",
+    "LatestVitals",
+    "VitalValue",
+    "VitalsBin",
+    "WriteResult",
+]
+
+STORED_STREAMS: frozenset[Stream] = frozenset(
+    {Stream.VITALS, Stream.ECG, Stream.GPS, Stream.STATUS, Stream.AVAILABILITY, Stream.PREALERT, Stream.GAP}
+)
+"""Streams the store keeps.  Video is never stored (it is a live view only)."""
+
+GAP_TRACKED_STREAMS: frozenset[Stream] = frozenset({Stream.VITALS, Stream.ECG, Stream.GPS})
+"""Streams whose ``seq`` counts every message, so a jump is a gap.  Availability uses seq as the session number
+(Sparkplug bdSeq), status and pre-alert are sparse by nature, so they are not gap-checked."""
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What one ``Store.write`` call did, counted in messages (not rows) per stream.
+
+    ``duplicates`` are messages whose (unit, stream, seq) key was already stored (a QoS 1 redelivery or a replay);
+    ``ignored`` are messages with nothing to store (video, a vitals set with no measured value).
+    """
+
+    inserted: Counter[Stream] = field(default_factory=Counter)
+    duplicates: Counter[Stream] = field(default_factory=Counter)
+    ignored: Counter[Stream] = field(default_factory=Counter)
+
+    @property
+    def total_inserted(self) -> int:
+        """Messages newly stored, all streams."""
+        return sum(self.inserted.values())
+
+    @property
+    def total_duplicates(self) -> int:
+        """Messages that were already stored, all streams."""
+        return sum(self.duplicates.values())
+
+    def add(self, other: WriteResult) -> None:
+        """Accumulate ``other`` into this result."""
+        self.inserted.update(other.inserted)
+        self.duplicates.update(other.duplicates)
+        self.ignored.update(other.ignored)
+
+
+@dataclass(frozen=True, slots=True)
+class VitalValue:
+    """One coded vital-sign value: ``value`` in ``ucum`` units, measured at ``measured_at``."""
+
+    field: str
+    """The :class:`broker_config.Vitals` field it came from, e.g. ``heart_rate_bpm``."""
+    loinc: str
+    mdc_code: int | None
+    ucum: str
+    value: float
+    measured_at: datetime
+    seq: int
+    historical: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LatestVitals:
+    """The latest value of each vital code of one unit, keyed by LOINC code."""
+
+    unit_id: str
+    values: dict[str, VitalValue]
+
+    def by_field(self, field_name: str) -> VitalValue | None:
+        """The latest value of a :class:`broker_config.Vitals` field (``"spo2_pct"``), or None if never measured."""
+        for value in self.values.values():
+            if value.field == field_name:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EcgWindow:
+    """The last seconds of one unit's ECG on a regular time grid.
+
+    ``samples_mv`` is float64, shape (n_leads, n), in mV: (adc - baseline_adc) / gain_adc_per_mv (WFDB's
+    digital-to-physical conversion).  Sample ``i`` is at ``start_at + i / fs_hz``.  Samples the store does not
+    have (a sequence gap inside the window) are NaN, never zero; ``missing_samples`` counts them per lead.
+    """
+
+    unit_id: str
+    fs_hz: float
+    leads: tuple[str, ...]
+    start_at: datetime
+    samples_mv: np.ndarray
+    missing_samples: int
+
+    @property
+    def duration_s(self) -> float:
+        """Length of the window in seconds."""
+        return self.samples_mv.shape[1] / self.fs_hz
+
+
+@dataclass(frozen=True, slots=True)
+class GpsPoint:
+    """One stored position report.  ``fix=False`` has no coordinates (never (0, 0), FF-05).
+
+    ``device_time`` is the receiver's own clock (untrusted, FF-07); ``received_at`` is the ingest's UTC clock.
+    """
+
+    seq: int
+    fix: bool
+    lat_deg: float | None
+    lon_deg: float | None
+    speed_mps: float | None
+    heading_deg: float | None
+    device_time: datetime | None
+    received_at: datetime
+    clock_suspect: bool
+    historical: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VitalsBin:
+    """Summary of one vital code over one time bin (``date_bin`` on PostgreSQL): count, mean, min and max."""
+
+    bin_start: datetime
+    loinc: str
+    ucum: str
+    n: int
+    mean: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
+class GapInfo:
+    """A detected sequence gap of a unit's stream, ``from_seq``..``to_seq`` inclusive.
+
+    ``missing`` is how many of those seqs the store still lacks now (late arrivals shrink it); ``filled`` is
+    ``missing == 0``.  ``seq`` is the GapRecord's own sequence number on the gap stream.
+    """
+
+    unit_id: str
+    stream: Stream
+    from_seq: int
+    to_seq: int
+    detected_at: datetime
+    seq: int
+    missing: int
+
+    @property
+    def filled(self) -> bool:
+        """Every missing seq has since arrived."""
+        return self.missing == 0
+
+
+@dataclass(frozen=True, slots=True)
+class IngestState:
+    """What an ingest needs to resume after a restart: the highest stored seq per (unit, stream), and the
+    highest GapRecord seq per unit."""
+
+    max_seq: dict[tuple[str, Stream], int]
+    max_gap_seq: dict[str, int]

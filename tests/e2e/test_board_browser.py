@@ -1,0 +1,358 @@
+"""The board page in a real headless Chromium, driven over the DevTools protocol.
+
+MQTT (embedded broker) -> board -> uvicorn -> Chromium: the card appears with the crew note shown as text (an
+``<img onerror>`` payload neither renders nor runs, FF-16), live vitals and an ECG strip drawn on the canvas; a
+real mouse click on "Acknowledge" publishes AlertAck(acknowledged) on the hospital's ack topic.  Screenshots at
+1920x1080 go to ``artifacts/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import uvicorn
+import websockets
+import wfdb
+
+from broker_config import (
+    STREAMS,
+    AlertAck,
+    AlertState,
+    Availability,
+    BrokerSettings,
+    CaseType,
+    Department,
+    EcgChunk,
+    Findings,
+    GpsFix,
+    HospitalAlert,
+    Priority,
+    Stream,
+    TopicSpace,
+    Vitals,
+    decode_as,
+    encode,
+)
+from hospital_board.main import BoardRuntime, create_app
+from hospital_board.settings import BoardSettings
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts"
+MITDB = ROOT / "simulators" / "data" / "mitdb"
+NOTE = 'Name <unknown>, SpO2 88% & St Mary\'s "ward" `x` <img src=x onerror="window.__pwned=1">'
+
+
+def chromium_binary() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("headless Chromium is not installed (apt-get install -y chromium)")
+
+
+class Cdp:
+    """A minimal DevTools-protocol client over one browser WebSocket (flattened sessions)."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            message = json.loads(raw)
+            if "id" not in message:
+                await self.events.put(message)
+                continue
+            future = self.pending.pop(message["id"], None)
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    async def wait_event(self, method: str, timeout_s: float = 15) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                event = await self.events.get()
+                if event.get("method") == method:
+                    return event
+
+    async def call(self, method: str, session: str | None = None, timeout_s: float = 15, **params: Any) -> Any:
+        call_id = next(self.ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = future
+        message: dict[str, Any] = {"id": call_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        await self.ws.send(json.dumps(message))
+        async with asyncio.timeout(timeout_s):
+            reply = await future
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
+
+    async def evaluate(self, session: str, expression: str, timeout_s: float = 15) -> Any:
+        result = await self.call(
+            "Runtime.evaluate",
+            session,
+            timeout_s=timeout_s,
+            expression=expression,
+            awaitPromise=True,
+            returnByValue=True,
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page error: {result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    async def wait_in_page(self, session: str, condition_js: str, timeout_s: float = 15) -> Any:
+        """Resolve when ``condition_js`` is truthy, re-checked on every animation frame inside the page."""
+        expression = (
+            "new Promise((resolve) => { const check = () => { let v = false; try { v = (" + condition_js + "); }"
+            " catch (e) { v = false; } if (v) resolve(v); else requestAnimationFrame(check); }; check(); })"
+        )
+        return await self.evaluate(session, expression, timeout_s=timeout_s)
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        with suppress(asyncio.CancelledError):
+            await self.reader
+        await self.ws.close()
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Cdp]:
+    binary = chromium_binary()
+    profile = tempfile.mkdtemp(prefix="gh-chromium-")
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "--window-size=1920,1080",
+        "about:blank",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            while True:
+                line = (await proc.stderr.readline()).decode(errors="replace")
+                if not line:
+                    raise RuntimeError("chromium exited before opening DevTools")
+                match = re.search(r"DevTools listening on (ws://\S+)", line)
+                if match:
+                    break
+        async with websockets.connect(match.group(1), max_size=64 * 1024 * 1024) as ws:
+            cdp = Cdp(ws)
+            try:
+                yield cdp
+            finally:
+                await cdp.close()
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(10):
+            await proc.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@asynccontextmanager
+async def board_server(broker: BrokerSettings, space: TopicSpace) -> AsyncIterator[tuple[str, BoardRuntime]]:
+    app = create_app(BoardSettings(broker=broker, topic_prefix=space.prefix, default_hospital_id="HA"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, access_log=False))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    runtime: BoardRuntime = app.state.board
+    try:
+        await runtime.link.wait_connected(15)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", runtime
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(15):
+            await serving
+        sock.close()
+
+
+def ecg_chunks(n_chunks: int, end_at: datetime) -> list[EcgChunk]:
+    rec = wfdb.rdrecord(str(MITDB / "100"), sampto=n_chunks * 360, physical=False)
+    start = end_at - timedelta(seconds=n_chunks)
+    return [
+        EcgChunk(
+            unit_id="U1",
+            seq=i,
+            sent_at=start + timedelta(seconds=i + 1),
+            start_at=start + timedelta(seconds=i),
+            fs_hz=rec.fs,
+            leads=tuple(rec.sig_name),
+            gain_adc_per_mv=rec.adc_gain[0],
+            baseline_adc=rec.baseline[0],
+            samples=rec.d_signal[i * 360 : (i + 1) * 360].T,
+        )
+        for i in range(n_chunks)
+    ]
+
+
+async def test_board_in_chromium_shows_card_and_acknowledges(
+    embedded_broker: BrokerSettings, topic_space: TopicSpace
+) -> None:
+    chromium_binary()
+    space = topic_space
+    acks: asyncio.Queue[AlertAck] = asyncio.Queue()
+    async with (
+        board_server(embedded_broker, space) as (url, _runtime),
+        aiomqtt.Client(embedded_broker.host, embedded_broker.port, identifier=f"t-{uuid.uuid4().hex[:8]}") as mqtt,
+        chromium() as cdp,
+    ):
+        await mqtt.subscribe(space.topic(Stream.ACK, "HA"), qos=1)
+
+        async def pub(stream: Stream, owner: str, message: Any) -> None:
+            await mqtt.publish(space.topic(stream, owner), encode(stream, message), qos=STREAMS[stream].qos)
+
+        async def collect() -> None:
+            async for message in mqtt.messages:
+                assert isinstance(message.payload, bytes)
+                await acks.put(decode_as(AlertAck, space, message.topic.value, message.payload))
+
+        collector = asyncio.create_task(collect())
+        try:
+            now = datetime.now(UTC)
+            await pub(Stream.AVAILABILITY, "U1", Availability(unit_id="U1", seq=1, sent_at=now, state="online"))
+            alert = HospitalAlert(
+                unit_id="U1",
+                seq=1,
+                sent_at=now,
+                alert_id="a1",
+                hospital_id="HA",
+                case_type=CaseType.STEMI,
+                priority=Priority.HIGH,
+                eta_at=now + timedelta(minutes=7),
+                departments=(Department.CATH_LAB,),
+                findings=Findings(age_years=67, sex="male", ecg_st_elevation=True, note=NOTE),
+                reasons=("24/7 PCI centre",),
+            )
+            await pub(Stream.ALERT, "HA", alert)
+            vitals = Vitals(
+                unit_id="U1",
+                seq=0,
+                sent_at=now,
+                measured_at=now,
+                heart_rate_bpm=89.5,
+                heart_rate_source="monitor",
+                spo2_pct=95.7,
+                sbp_mmhg=87,
+                dbp_mmhg=46,
+                map_mmhg=62,
+                resp_rate_per_min=21.2,
+            )  # MIMIC-II s25047 numerics, row 2
+            await pub(Stream.VITALS, "U1", vitals)
+            for chunk in ecg_chunks(10, now):
+                await pub(Stream.ECG, "U1", chunk)
+            await pub(
+                Stream.GPS, "U1", GpsFix(unit_id="U1", seq=0, sent_at=now, fix=True, lat_deg=43.7375, lon_deg=7.4242)
+            )
+
+            target = await cdp.call("Target.createTarget", url="about:blank")
+            session = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
+            await cdp.call(
+                "Emulation.setDeviceMetricsOverride",
+                session,
+                width=1920,
+                height=1080,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
+            await cdp.call("Page.enable", session)
+            await cdp.call("Page.navigate", session, url=f"{url}/?hospital=HA")
+            await cdp.wait_event("Page.loadEventFired")
+
+            await cdp.wait_in_page(
+                session,
+                "document.querySelector('#link').textContent === 'LIVE' && document.querySelector('.card') && "
+                "document.querySelector('.card [data-vital=hr] .v-value').textContent !== '--' && "
+                "document.querySelector('.card .position').textContent.startsWith('Position')",
+            )
+            shown = await cdp.evaluate(
+                session,
+                "(() => { const c = document.querySelector('.card'); return {"
+                "note: c.querySelector('.note').textContent, imgs: c.querySelectorAll('img').length,"
+                "pwned: window.__pwned === undefined ? null : window.__pwned,"
+                "prio: c.querySelector('.prio-text').textContent, flashing: c.classList.contains('flash-high'),"
+                "hr: c.querySelector('[data-vital=hr] .v-value').textContent,"
+                "nibp: c.querySelector('[data-vital=nibp] .v-value').textContent,"
+                "pos: c.querySelector('.position').textContent,"
+                "disclaimer: document.querySelector('.disclaimer').textContent}; })()",
+            )
+            assert shown["note"] == NOTE, "the crew note is shown exactly, as text"
+            assert shown["imgs"] == 0
+            assert shown["pwned"] is None, "no script from the note ran"
+            assert shown["prio"] == "HIGH !!!"
+            assert shown["flashing"]
+            assert shown["hr"] == "90"
+            assert shown["nibp"] == "87/46"
+            assert shown["pos"].startswith("Position 43.7375, 7.4242")
+            assert "NOT the primary patient alarm system" in " ".join(shown["disclaimer"].split())
+            # the ECG strip is drawn: enough bright-green trace pixels on the canvas
+            green = await cdp.wait_in_page(
+                session,
+                "(() => { const cv = document.querySelector('canvas.ecg'); const d = cv.getContext('2d')"
+                ".getImageData(0, 0, cv.width, cv.height).data; let n = 0; for (let i = 0; i < d.length; i += 4)"
+                " { if (d[i + 1] > 200 && d[i] < 120) n++; } return n > 300 ? n : 0; })()",
+            )
+            assert green > 300
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = await cdp.call("Page.captureScreenshot", session, format="png")
+            (ARTIFACTS / "board-1920x1080-alert.png").write_bytes(base64.b64decode(shot["data"]))
+
+            box = await cdp.evaluate(
+                session,
+                "(() => { const r = document.querySelector('button.ack').getBoundingClientRect();"
+                " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()",
+            )
+            for kind in ("mousePressed", "mouseReleased"):
+                await cdp.call(
+                    "Input.dispatchMouseEvent", session, type=kind, x=box["x"], y=box["y"], button="left", clickCount=1
+                )
+            async with asyncio.timeout(10):
+                ack = await acks.get()
+                while ack.state is not AlertState.ACKNOWLEDGED:
+                    ack = await acks.get()
+            assert (ack.alert_id, ack.hospital_id, ack.unit_id) == ("a1", "HA", "U1")
+            state_text = await cdp.wait_in_page(
+                session,
+                "(() => { const s = document.querySelector('.ack-state').textContent;"
+                " return s.startsWith('ACKNOWLEDGED') ? s : ''; })()",
+            )
+            assert "ed_staff" in state_text
+            assert not await cdp.evaluate(session, "document.querySelector('.card').classList.contains('flash-high')")
+            shot = await cdp.call("Page.captureScreenshot", session, format="png")
+            (ARTIFACTS / "board-1920x1080.png").write_bytes(base64.b64decode(shot["data"]))
+        finally:
+            collector.cancel()
+            with suppress(asyncio.CancelledError):
+                await collector
