@@ -17,9 +17,9 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 
-from broker_config import TopicSpace, utc_now
+from broker_config import Priority, TopicSpace, utc_now
 from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
-from dispatch.errors import RoutingError, UnknownHospitalError
+from dispatch.errors import RoutingError, StoreError, UnknownHospitalError
 from dispatch.geo import valid_position_deg
 from dispatch.hospitals import Hospital, HospitalRegistry, HospitalStatus
 from dispatch.repository import AlertRecord, UnitRecord
@@ -42,6 +42,7 @@ from dispatch.schemas import (
 )
 from dispatch.service import DispatchService
 from dispatch.settings import DispatchSettings
+from dispatch.sql_repository import open_repository
 
 __all__ = ["build_service", "create_app"]
 
@@ -67,9 +68,16 @@ def build_service(
         registry,
         router,
         client_id=settings.client_id,
+        repository=open_repository(settings.database_url, max_alerts=settings.max_alerts),
         queue_size=settings.queue_size,
         enqueue_timeout_s=settings.enqueue_timeout_s,
         publish_timeout_s=settings.publish_timeout_s,
+        ack_timeouts_s={
+            Priority.HIGH: settings.ack_timeout_high_s,
+            Priority.MEDIUM: settings.ack_timeout_medium_s,
+            Priority.LOW: settings.ack_timeout_low_s,
+        },
+        escalation_tick_s=settings.escalation_tick_s,
     )
 
 
@@ -270,7 +278,7 @@ def create_app(
         if change.until is not None and change.until <= now:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "until must be in the future")
         try:
-            new = svc.registry.set_status(
+            new = await svc.set_hospital_status(
                 hospital_id,
                 by=change.set_by,
                 at=now,
@@ -281,6 +289,8 @@ def create_app(
             )
         except UnknownHospitalError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown hospital") from None
+        except StoreError:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "dispatch database unavailable") from None
         return _hospital_public(svc.registry.get(hospital_id), new)
 
     @app.get("/api/units", tags=["units"])

@@ -9,6 +9,13 @@ __all__ = [
     "RoutingError",
     "OutsideNetworkError",
     "NoRouteError",
+    "StoreError",
+    "IncidentError",
+    "UnknownIncidentError",
+    "UnknownUnitError",
+    "UnitUnavailableError",
+    "IncidentClosedError",
+    "TimelineOrderError",
 ]
 
 
@@ -56,3 +63,62 @@ class OutsideNetworkError(RoutingError):
 
 class NoRouteError(RoutingError):
     """The two points snap to nodes with no directed path between them."""
+
+
+class StoreError(DispatchError):
+    """The dispatch database cannot be reached, refused a write, or has a schema newer than this code.
+
+    Attributes:
+        cause: the class name of the underlying exception (psycopg.OperationalError, sqlite3.OperationalError...).
+    """
+
+    def __init__(self, reason: str, cause: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cause = cause
+
+
+class IncidentError(DispatchError):
+    """Root of incident and assignment errors."""
+
+
+class UnknownIncidentError(IncidentError, KeyError):
+    """No incident with this id.  ``incident_id`` holds the id asked for."""
+
+    def __init__(self, incident_id: str) -> None:
+        super().__init__(incident_id)
+        self.incident_id = incident_id
+
+
+class UnknownUnitError(IncidentError, KeyError):
+    """No unit with this id has been seen on the bus.  ``unit_id`` holds the id asked for."""
+
+    def __init__(self, unit_id: str) -> None:
+        super().__init__(unit_id)
+        self.unit_id = unit_id
+
+
+class UnitUnavailableError(IncidentError):
+    """The unit cannot take the job (offline, or busy with another incident).  ``unit_id``, ``reason``."""
+
+    def __init__(self, unit_id: str, reason: str) -> None:
+        super().__init__(f"unit {unit_id} unavailable: {reason}")
+        self.unit_id = unit_id
+        self.reason = reason
+
+
+class IncidentClosedError(IncidentError):
+    """The incident is closed or cancelled and cannot change.  ``incident_id``, ``state``."""
+
+    def __init__(self, incident_id: str, state: str) -> None:
+        super().__init__(f"incident {incident_id} is {state}")
+        self.incident_id = incident_id
+        self.state = state
+
+
+class TimelineOrderError(IncidentError):
+    """A time point posted by a person breaks the ordering rules.  ``violations`` lists them in plain words."""
+
+    def __init__(self, violations: list[str]) -> None:
+        super().__init__("; ".join(violations))
+        self.violations = violations

@@ -403,6 +403,12 @@ class HospitalRegistry:
         logger.info("hospital status changed hospital=%s", hospital_id)
         return new
 
+    def restore_status(self, hospital_id: str, status: HospitalStatus) -> None:
+        """Put back a status loaded from the store (no new change is recorded).  Raises UnknownHospitalError."""
+        self.get(hospital_id)
+        with self._lock:
+            self._status[hospital_id] = status
+
     def snapshot(self, now: datetime) -> list[HospitalSnapshot]:
         """Every hospital with the status in force at ``now``."""
         return [HospitalSnapshot(h, self.status(h.hospital_id, now)) for h in self.hospitals()]

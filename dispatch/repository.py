@@ -1,8 +1,11 @@
-"""In-memory state of the dispatch service: units, alerts and each alert's event timeline.
+"""State of the dispatch service: units, alerts with their timelines, incidents with their case timelines.
 
 Only the service's event loop writes here (the MQTT worker and the API handlers share one loop), so no locks are
-needed.  Persistence (PostgreSQL) will replace this class behind the same methods.  The alert table is bounded:
-beyond ``max_alerts`` the oldest closed alerts are evicted first.
+needed.  Records are read synchronously from memory; every change is written through with ``await save_*``.
+:class:`InMemoryRepository` (unit tests, the demo without a database) makes the writes no-ops;
+:class:`dispatch.sql_repository.SqlRepository` persists them to SQLite or PostgreSQL and reloads them on
+:meth:`~Repository.open`.  The alert table is bounded: beyond ``max_alerts`` the oldest closed alerts are
+evicted first (from memory; the database keeps them).
 """
 
 from __future__ import annotations
@@ -11,13 +14,20 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Protocol
 
-from broker_config import AlertState, CaseType, CrewStatus, Department, Findings, Priority
+from broker_config import Activation, AlertState, CaseType, CrewStatus, Department, Findings, Priority
 from dispatch.destination import Recommendation
+from dispatch.hospitals import HospitalStatus
+from dispatch.timeline import CaseEvent
 
 __all__ = [
     "AckRecord",
     "AlertRecord",
+    "AssignmentRecord",
+    "IncidentRecord",
+    "IncidentState",
+    "Repository",
     "EventKind",
     "EventSource",
     "InMemoryRepository",
@@ -50,6 +60,9 @@ class EventKind(StrEnum):
     ON_BOARD = "on_board"
     ACKNOWLEDGED = "acknowledged"
     ACK_REPEATED = "ack_repeated"
+    ACTIVATION_PAGED = "activation_paged"
+    ACTIVATION_ACKNOWLEDGED = "activation_acknowledged"
+    ACTIVATION_ESCALATED = "activation_escalated"
 
 
 STATE_RANK: dict[AlertState, int] = {
@@ -106,6 +119,7 @@ class UnitRecord:
     last_seen_at: datetime | None = None
     current_alert_id: str | None = None
     destination_hospital_id: str | None = None
+    current_incident_id: str | None = None
 
     @property
     def available(self) -> bool:
@@ -136,6 +150,10 @@ class AlertRecord:
     alert_published: bool = False
     acks: list[AckRecord] = field(default_factory=list)
     timeline: list[TimelineEvent] = field(default_factory=list)
+    activations: tuple[Activation, ...] = ()
+    incident_id: str | None = None
+    saved_events: int = 0
+    """How many timeline events the store already holds (write-through bookkeeping, not domain state)."""
 
     def add_event(
         self, at: datetime, source: EventSource, kind: EventKind, detail: str = "", *, historical: bool = False
@@ -146,13 +164,128 @@ class AlertRecord:
         return event
 
 
+class IncidentState(StrEnum):
+    """Where an incident stands: open (no unit), assigned (a unit is on it), closed (handed over), cancelled."""
+
+    OPEN = "open"
+    ASSIGNED = "assigned"
+    CLOSED = "closed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRecord:
+    """One assignment of a unit to an incident: when (UTC), by whom, and when/why it ended (None = current)."""
+
+    unit_id: str
+    assigned_at: datetime
+    by: str
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+
+@dataclass(slots=True)
+class IncidentRecord:
+    """A call for help and its case: location (degrees WGS 84), complaint, priority, assignments, time points.
+
+    ``complaint`` and ``caller_notes`` are free text: stored and shown (HTML-escaped), never logged.
+    ``events`` is the case timeline (NEMSIS eTimes and the pathway time points, :mod:`dispatch.timeline`).
+    """
+
+    incident_id: str
+    lat_deg: float
+    lon_deg: float
+    complaint: str
+    priority: Priority
+    created_at: datetime
+    created_by: str
+    case_type: CaseType | None = None
+    caller_notes: str = ""
+    state: IncidentState = IncidentState.OPEN
+    unit_id: str | None = None
+    alert_id: str | None = None
+    destination_hospital_id: str | None = None
+    assignments: list[AssignmentRecord] = field(default_factory=list)
+    events: list[CaseEvent] = field(default_factory=list)
+    saved_events: int = 0
+    """How many case events the store already holds (write-through bookkeeping)."""
+
+    @property
+    def position_deg(self) -> tuple[float, float]:
+        """(lat, lon) in degrees."""
+        return (self.lat_deg, self.lon_deg)
+
+
+class Repository(Protocol):
+    """What the service needs from a store: synchronous reads from memory, awaited write-through saves.
+
+    Raises (saves, ``open``): :class:`dispatch.errors.StoreError` when the database cannot be reached or refuses.
+    """
+
+    def unit(self, unit_id: str) -> UnitRecord: ...
+    def find_unit(self, unit_id: str) -> UnitRecord | None: ...
+    def units(self) -> list[UnitRecord]: ...
+    def alert(self, alert_id: str) -> AlertRecord | None: ...
+    def alerts(self) -> list[AlertRecord]: ...
+    def add_alert(self, record: AlertRecord) -> None: ...
+    def incident(self, incident_id: str) -> IncidentRecord | None: ...
+    def incidents(self) -> list[IncidentRecord]: ...
+    def add_incident(self, record: IncidentRecord) -> None: ...
+    def hospital_statuses(self) -> dict[str, HospitalStatus]: ...
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def save_unit(self, record: UnitRecord) -> None: ...
+    async def save_alert(self, record: AlertRecord) -> None: ...
+    async def save_incident(self, record: IncidentRecord) -> None: ...
+    async def save_hospital_status(self, hospital_id: str, status: HospitalStatus) -> None: ...
+
+
 class InMemoryRepository:
-    """Units and alerts, in memory, with a bounded alert table."""
+    """Units, alerts and incidents, in memory, with a bounded alert table; saves are no-ops."""
 
     def __init__(self, max_alerts: int = 10_000) -> None:
         self.max_alerts = max_alerts
         self._units: dict[str, UnitRecord] = {}
         self._alerts: OrderedDict[str, AlertRecord] = OrderedDict()
+        self._incidents: dict[str, IncidentRecord] = {}
+        self._hospital_status: dict[str, HospitalStatus] = {}
+
+    async def open(self) -> None:
+        """Nothing to load."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def save_unit(self, record: UnitRecord) -> None:
+        """No-op: the record in memory is the state."""
+
+    async def save_alert(self, record: AlertRecord) -> None:
+        """No-op apart from the event bookkeeping."""
+        record.saved_events = len(record.timeline)
+
+    async def save_incident(self, record: IncidentRecord) -> None:
+        """No-op apart from the event bookkeeping."""
+        record.saved_events = len(record.events)
+
+    async def save_hospital_status(self, hospital_id: str, status: HospitalStatus) -> None:
+        """Keep the latest status per hospital (the registry holds the live one)."""
+        self._hospital_status[hospital_id] = status
+
+    def hospital_statuses(self) -> dict[str, HospitalStatus]:
+        """The latest saved status per hospital id."""
+        return dict(self._hospital_status)
+
+    def incident(self, incident_id: str) -> IncidentRecord | None:
+        """The incident with this id, or None."""
+        return self._incidents.get(incident_id)
+
+    def incidents(self) -> list[IncidentRecord]:
+        """Every incident, newest first."""
+        return sorted(self._incidents.values(), key=lambda i: (i.created_at, i.incident_id), reverse=True)
+
+    def add_incident(self, record: IncidentRecord) -> None:
+        """Store a new incident."""
+        self._incidents[record.incident_id] = record
 
     def unit(self, unit_id: str) -> UnitRecord:
         """The unit's record, created empty on first sight."""

@@ -213,6 +213,7 @@ class RoadRouter:
         self.build_time_s = build_time_s
         self.n_nodes = int(lat_deg.shape[0])
         self.n_edges = int(time_s.nnz)
+        self._time_reversed: csr_matrix | None = None
 
     @classmethod
     def from_pbf(cls, path: Path, *, emergency_factor: float = 1.2, max_snap_m: float = 1_000.0) -> RoadRouter:
@@ -332,5 +333,29 @@ class RoadRouter:
                 out.append(None)
                 continue
             t = float(times[dst])
+            out.append(t + (src_off_m + dst_off_m) / ACCESS_SPEED_MPS if math.isfinite(t) else None)
+        return out
+
+    def eta_s_from_many(
+        self, sources_deg: Sequence[tuple[float, float]], to_deg: tuple[float, float]
+    ) -> list[float | None]:
+        """Driving time in seconds from each source to one point, by one Dijkstra search on the transposed graph.
+
+        The units -> incident question: a search from the incident over reversed edges gives every node's time
+        *to* the incident, respecting one-way streets.  Returns one entry per source, ``None`` for a source off
+        the network.  Raises OutsideNetworkError if ``to_deg`` itself is off the network.
+        """
+        dst, dst_off_m = self.snap(to_deg)
+        if self._time_reversed is None:
+            self._time_reversed = self._time.transpose().tocsr()
+        times = dijkstra(self._time_reversed, directed=True, indices=dst)
+        out: list[float | None] = []
+        for source in sources_deg:
+            try:
+                src, src_off_m = self.snap(source)
+            except OutsideNetworkError:
+                out.append(None)
+                continue
+            t = float(times[src])
             out.append(t + (src_off_m + dst_off_m) / ACCESS_SPEED_MPS if math.isfinite(t) else None)
         return out

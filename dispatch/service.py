@@ -5,6 +5,12 @@ Flow::
     unit prealert --> rank destinations (unit's last GPS fix, road ETAs, capabilities, live status)
                   --> HospitalAlert on the destination's alert topic + destination Notice to the unit
     hospital ack  --> alert state (on_board, acknowledged), who/when --> alert_state Notice to the unit
+    team pages    --> every department of the pathway paged (primary) with an acknowledgement deadline; an
+                      AlertAck acknowledges one department (or all); a missed deadline escalates the page
+                      (backup, then supervisor), re-published to the hospital and the unit (:mod:`dispatch.activation`)
+
+Timers: :meth:`DispatchService.tick` escalates every page whose deadline has passed on the injected clock; the
+service calls it every ``escalation_tick_s`` seconds, tests call it directly with a chosen time.
 
 Concurrency (FF-01): the MQTT receive loop only puts ``(topic, payload)`` on a bounded queue (a bounded wait,
 then a counted drop) and returns; one worker task decodes and handles messages.  Every message passes an error
@@ -19,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -28,16 +34,20 @@ from pydantic import BaseModel
 
 from broker_config import (
     STREAMS,
+    ActivationState,
     AlertAck,
     AlertState,
     Availability,
     BrokerSettings,
+    CaseType,
+    Department,
     GpsFix,
     HospitalAlert,
     Notice,
     NoticeKind,
     PayloadError,
     PreAlert,
+    Priority,
     Status,
     Stream,
     TopicSpace,
@@ -46,10 +56,11 @@ from broker_config import (
     utc_now,
 )
 from broker_config.connection import MqttLink, NotConnectedError
+from dispatch.activation import DEFAULT_ACK_TIMEOUT_S, acknowledge, escalate_due, next_deadline, page
 from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
-from dispatch.errors import DispatchError, OutsideNetworkError
+from dispatch.errors import DispatchError, OutsideNetworkError, StoreError
 from dispatch.geo import valid_position_deg
-from dispatch.hospitals import HospitalRegistry, HospitalSnapshot
+from dispatch.hospitals import HospitalRegistry, HospitalSnapshot, HospitalStatus
 from dispatch.repository import (
     STATE_RANK,
     AckRecord,
@@ -57,6 +68,7 @@ from dispatch.repository import (
     EventKind,
     EventSource,
     InMemoryRepository,
+    Repository,
 )
 from dispatch.routing import RoadRouter
 
@@ -123,6 +135,9 @@ class DispatchService:
         router: road router for ETAs; ``None`` runs without ETAs (ranking by capability only).
         repository: state store; a fresh :class:`InMemoryRepository` by default.
         clock: the UTC clock (tests may pin it).
+        ack_timeouts_s: seconds a department page waits for its acknowledgement before escalating, by alert
+            priority (default :data:`dispatch.activation.DEFAULT_ACK_TIMEOUT_S`: high 120 s).
+        escalation_tick_s: how often the running service checks the escalation deadlines, seconds.
     """
 
     def __init__(
@@ -133,17 +148,19 @@ class DispatchService:
         router: RoadRouter | None,
         *,
         client_id: str = "goldenhour-dispatch",
-        repository: InMemoryRepository | None = None,
+        repository: Repository | None = None,
         queue_size: int = 1_000,
         enqueue_timeout_s: float = 5.0,
         publish_timeout_s: float = 5.0,
         clock: Callable[[], datetime] = utc_now,
+        ack_timeouts_s: Mapping[Priority, float] | None = None,
+        escalation_tick_s: float = 1.0,
     ) -> None:
         self.broker = broker
         self.space = space
         self.registry = registry
         self.router = router
-        self.repo = repository or InMemoryRepository()
+        self.repo: Repository = repository if repository is not None else InMemoryRepository()
         self.link = MqttLink(broker, client_id=client_id, clean_session=False)
         self.clock = clock
         self.processed: Counter[str] = Counter()
@@ -157,14 +174,47 @@ class DispatchService:
         # restarted dispatch never reuses a sequence number and consecutive messages still step by one.
         self._seq_base = time.time_ns() // 1_000
         self._seq: dict[tuple[Stream, str], int] = {}
+        self.ack_timeouts_s: dict[Priority, float] = {**DEFAULT_ACK_TIMEOUT_S, **(ack_timeouts_s or {})}
+        if any(v <= 0 for v in self.ack_timeouts_s.values()) or escalation_tick_s <= 0:
+            raise ValueError("acknowledgement timeouts and the escalation tick must be positive")
+        self.escalation_tick_s = escalation_tick_s
+        self._deadlines: dict[str, datetime] = {}
+        """alert id -> earliest escalation deadline of its open pages (the timer index)."""
+        self._opened = False
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Load the repository, restore hospital statuses and escalation timers (idempotent).
+
+        Raises:
+            StoreError: the database cannot be reached or its schema is newer than this code.
+        """
+        if self._opened:
+            return
+        await self.repo.open()
+        for hospital_id, st in self.repo.hospital_statuses().items():
+            if hospital_id in self.registry:
+                self.registry.restore_status(hospital_id, st)
+        for record in self.repo.alerts():
+            self._schedule(record)
+        self._opened = True
+
+    async def close(self) -> None:
+        """Release the repository."""
+        await self.repo.close()
+        self._opened = False
+
     async def run(self) -> None:
-        """Connect, subscribe and process messages until cancelled (reconnecting with back-off)."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.link.run(self._on_connect, self._on_message), name="dispatch-mqtt")
-            tg.create_task(self._worker(), name="dispatch-worker")
+        """Open the store, then connect, subscribe, process messages and escalate pages until cancelled."""
+        await self.open()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(self._on_connect, self._on_message), name="dispatch-mqtt")
+                tg.create_task(self._worker(), name="dispatch-worker")
+                tg.create_task(self._escalation_loop(), name="dispatch-escalation")
+        finally:
+            await self.close()
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Wait until subscribed to the broker.  Raises TimeoutError."""
@@ -204,8 +254,13 @@ class DispatchService:
                 async with asyncio.timeout(1.0):
                     item = await self._queue.get()
             except TimeoutError:
-                continue  # idle wake-up: the place for periodic housekeeping (escalation timers, later)
+                continue  # idle wake-up
             await self.handle(item.topic, item.payload, item.received_at)
+
+    async def _escalation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.escalation_tick_s)  # a periodic timer, not a wait for an event
+            await self.tick()
 
     # --- the per-message error boundary --------------------------------------------------------------------------
 
@@ -239,10 +294,13 @@ class DispatchService:
     async def _dispatch(self, stream: Stream, model: BaseModel, received_at: datetime) -> None:
         if isinstance(model, GpsFix):
             self._on_gps(model, received_at)
+            await self.repo.save_unit(self.repo.unit(model.unit_id))
         elif isinstance(model, Status):
             self._on_status(model, received_at)
+            await self.repo.save_unit(self.repo.unit(model.unit_id))
         elif isinstance(model, Availability):
             self._on_availability(model, received_at)
+            await self.repo.save_unit(self.repo.unit(model.unit_id))
         elif isinstance(model, PreAlert):
             await self._on_prealert(model, received_at)
         elif isinstance(model, AlertAck):
@@ -333,6 +391,7 @@ class DispatchService:
             if not existing.alert_published:
                 await self._publish_alert(existing, received_at)
             await self._publish_notice(existing, NoticeKind.DESTINATION, received_at)
+            await self.repo.save_alert(existing)
             return
         now = self.clock()
         unit = self.repo.find_unit(alert.unit_id)
@@ -380,6 +439,13 @@ class DispatchService:
         for kind, detail in events:
             record.add_event(now, EventSource.DISPATCH, kind, detail)
         record.add_event(now, EventSource.DISPATCH, EventKind.DESTINATION_CHOSEN, f"hospital={hospital.hospital_id}")
+        if alert.case_type is not CaseType.MEDICAL:  # MEDICAL is a notification without team activation
+            record.activations = page(record.departments, now, self.ack_timeouts_s[record.priority])
+            for activation in record.activations:
+                record.add_event(
+                    now, EventSource.DISPATCH, EventKind.ACTIVATION_PAGED, f"department={activation.department.value}"
+                )
+            self._schedule(record)
         self.repo.add_alert(record)
         if unit is None:
             unit = self.repo.unit(alert.unit_id)
@@ -394,6 +460,8 @@ class DispatchService:
         )
         await self._publish_alert(record, now)
         await self._publish_notice(record, NoticeKind.DESTINATION, now)
+        await self.repo.save_unit(unit)
+        await self.repo.save_alert(record)
 
     # --- acknowledgements ----------------------------------------------------------------------------------------
 
@@ -410,14 +478,142 @@ class DispatchService:
         detail = f"hospital={ack.hospital_id} role={ack.by_role[:32]}" + (
             f" department={ack.department.value}" if ack.department else ""
         )
-        if STATE_RANK[state] <= STATE_RANK[record.state]:
+        acknowledged: tuple[Department, ...] = ()
+        if state is AlertState.ACKNOWLEDGED and record.activations and record.state is not AlertState.CANCELLED:
+            record.activations, acknowledged = acknowledge(record.activations, ack.department, ack.at, ack.by_role)
+            for department in acknowledged:
+                record.add_event(
+                    ack.at,
+                    EventSource.HOSPITAL,
+                    EventKind.ACTIVATION_ACKNOWLEDGED,
+                    f"department={department.value} role={ack.by_role[:32]}",
+                )
+            self._schedule(record)
+        new_state = self._alert_state(record, state)
+        if new_state is record.state and not acknowledged:
             record.add_event(ack.at, EventSource.HOSPITAL, EventKind.ACK_REPEATED, detail)
+            await self.repo.save_alert(record)
             return
-        record.state = state
-        kind = EventKind.ACKNOWLEDGED if state is AlertState.ACKNOWLEDGED else EventKind.ON_BOARD
-        record.add_event(ack.at, EventSource.HOSPITAL, kind, detail)
-        logger.info("alert state alert=%s hospital=%s state=%s", record.alert_id, record.hospital_id, state.value)
-        await self._publish_notice(record, NoticeKind.ALERT_STATE, self.clock())
+        if new_state is not record.state:
+            record.state = new_state
+            kind = EventKind.ACKNOWLEDGED if new_state is AlertState.ACKNOWLEDGED else EventKind.ON_BOARD
+            if new_state is not AlertState.ESCALATED:
+                record.add_event(ack.at, EventSource.HOSPITAL, kind, detail)
+        logger.info(
+            "alert state alert=%s hospital=%s state=%s", record.alert_id, record.hospital_id, record.state.value
+        )
+        now = self.clock()
+        if acknowledged:
+            await self._publish_alert(record, now)
+        await self._publish_notice(record, NoticeKind.ALERT_STATE, now)
+        await self.repo.save_alert(record)
+
+    @staticmethod
+    def _alert_state(record: AlertRecord, ack_state: AlertState | None) -> AlertState:
+        """The alert's state after an ack (``ack_state``) or an escalation (None); never moves backwards."""
+        if record.state is AlertState.CANCELLED:
+            return record.state
+        if record.activations:
+            open_pages = [
+                a for a in record.activations if a.state in (ActivationState.PAGED, ActivationState.ESCALATED)
+            ]
+            if not open_pages:
+                return AlertState.ACKNOWLEDGED
+            if any(a.state is ActivationState.ESCALATED for a in open_pages):
+                return AlertState.ESCALATED
+            if ack_state is not None and record.state is AlertState.SENT:
+                return AlertState.ON_BOARD
+            return record.state
+        if ack_state is not None and STATE_RANK[ack_state] > STATE_RANK[record.state]:
+            return ack_state
+        return record.state
+
+    # --- hospital status ------------------------------------------------------------------------------------------
+
+    async def set_hospital_status(
+        self,
+        hospital_id: str,
+        *,
+        by: str,
+        at: datetime,
+        diversion: bool | None = None,
+        cath_lab_busy: bool | None = None,
+        ed_beds_free: int | None = None,
+        until: datetime | None = None,
+    ) -> HospitalStatus:
+        """Change a hospital's live status (see :meth:`HospitalRegistry.set_status`) and store the change.
+
+        Raises:
+            UnknownHospitalError: no such hospital.  StoreError: the change is live but could not be stored.
+        """
+        new = self.registry.set_status(
+            hospital_id,
+            by=by,
+            at=at,
+            diversion=diversion,
+            cath_lab_busy=cath_lab_busy,
+            ed_beds_free=ed_beds_free,
+            until=until,
+        )
+        await self.repo.save_hospital_status(hospital_id, new)
+        return new
+
+    # --- escalation ----------------------------------------------------------------------------------------------
+
+    def _schedule(self, record: AlertRecord) -> None:
+        deadline = next_deadline(record.activations) if record.state is not AlertState.CANCELLED else None
+        if deadline is None:
+            self._deadlines.pop(record.alert_id, None)
+        else:
+            self._deadlines[record.alert_id] = deadline
+
+    def next_escalation_at(self) -> datetime | None:
+        """The earliest pending escalation deadline (UTC), or None."""
+        return min(self._deadlines.values(), default=None)
+
+    async def tick(self, now: datetime | None = None) -> int:
+        """Escalate every page whose deadline has passed at ``now`` (default: the clock).
+
+        Each escalation is recorded in the alert's timeline and re-published: a HospitalAlert (new seq, same
+        alert_id) to the hospital and an ``alert_state`` Notice with the activations to the unit.  Returns how
+        many alerts escalated.  A store failure for one alert is logged (ids only) and the others go on.
+        """
+        now = now or self.clock()
+        escalated = 0
+        for alert_id in [a for a, deadline in self._deadlines.items() if deadline <= now]:
+            record = self.repo.alert(alert_id)
+            if record is None:
+                self._deadlines.pop(alert_id, None)
+                continue
+            record.activations, steps = escalate_due(record.activations, now, self.ack_timeouts_s[record.priority])
+            for step in steps:
+                record.add_event(
+                    now,
+                    EventSource.DISPATCH,
+                    EventKind.ACTIVATION_ESCALATED,
+                    f"department={step.department.value} level={step.level}" + (" repeat" if step.repeat else ""),
+                )
+            record.state = self._alert_state(record, None)
+            self._schedule(record)
+            if not steps:
+                continue
+            escalated += 1
+            logger.warning(
+                "activation escalated alert=%s hospital=%s departments=%s",
+                record.alert_id,
+                record.hospital_id,
+                ",".join(f"{step.department.value}:{step.level}" for step in steps),
+            )
+            await self._publish_alert(record, now)
+            await self._publish_notice(record, NoticeKind.ALERT_STATE, now)
+            try:
+                await self.repo.save_alert(record)
+            except StoreError as exc:
+                logger.warning("escalation not saved alert=%s cause=%s", record.alert_id, exc.cause)
+        if escalated:
+            async with self.handled:
+                self.handled.notify_all()
+        return escalated
 
     # --- publishing ----------------------------------------------------------------------------------------------
 
@@ -462,6 +658,7 @@ class DispatchService:
             findings=record.findings,
             reasons=record.reasons,
             state=record.state,
+            activations=record.activations,
         )
         ok = await self._publish(Stream.ALERT, record.hospital_id, message)
         record.alert_published = ok
@@ -480,6 +677,7 @@ class DispatchService:
             reasons=record.reasons if kind is NoticeKind.DESTINATION else (),
             alert_state=record.state,
             eta_at=record.eta_at,
+            activations=record.activations,
         )
         ok = await self._publish(Stream.NOTICE, record.unit_id, message)
         event = EventKind.NOTICE_SENT if ok else EventKind.PUBLISH_FAILED

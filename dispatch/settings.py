@@ -34,8 +34,23 @@ class DispatchSettings(BaseSettings):
     publish_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     enqueue_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     max_alerts: Annotated[int, Field(ge=1)] = 10_000
+    database_url: str | None = None
+    """``sqlite:///path`` or ``postgresql://...`` (the telemetry store's convention); None keeps state in memory."""
+    ack_timeout_high_s: Annotated[float, Field(gt=0, le=3_600)] = 120.0
+    """Seconds a high-priority team page waits for its acknowledgement before escalating (dispatch.activation)."""
+    ack_timeout_medium_s: Annotated[float, Field(gt=0, le=3_600)] = 300.0
+    ack_timeout_low_s: Annotated[float, Field(gt=0, le=3_600)] = 600.0
+    escalation_tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """How often escalation deadlines are checked, seconds."""
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8081
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("database_url must be sqlite:///path or postgresql://...")
+        return value
 
     @field_validator("hospital_csvs", "capabilities_path", "road_pbf")
     @classmethod

@@ -101,6 +101,21 @@ def test_eta_to_many_matches_single_routes(router: RoadRouter, registry: Hospita
         assert eta == pytest.approx(router.route(start, target).duration_s, rel=1e-6)
 
 
+def test_eta_from_many_on_the_transposed_graph_matches_single_routes(
+    router: RoadRouter, registry: HospitalRegistry
+) -> None:
+    """Units -> incident: one reverse search gives each source's time to the target, one-way streets respected."""
+    target = registry.get("MC-CCM").position_deg
+    sources = [h.position_deg for h in registry.hospitals()]
+    etas = router.eta_s_from_many([*sources, (48.85, 2.35)], target)
+    assert etas[-1] is None
+    for source, eta in zip(sources, etas[:-1], strict=True):
+        assert eta == pytest.approx(router.route(source, target).duration_s, rel=1e-6)
+    # a one-way pair: to and from differ, and each matches its own direction
+    a, b = registry.get("MC-CHPG").position_deg, target
+    assert router.eta_s_from_many([a], b)[0] == pytest.approx(router.eta_s_to_many(a, [b])[0], rel=1e-6)
+
+
 def test_point_off_the_network_raises(router: RoadRouter) -> None:
     with pytest.raises(OutsideNetworkError) as info:
         router.route((43.60, 7.40), (43.7304054, 7.4114082))  # 14 km out at sea
