@@ -3,7 +3,17 @@
 Every producer and consumer imports the contract from here; nothing else spells a topic or encodes a payload.
 """
 
-from broker_config.codec import MODELS, PayloadError, decode, decode_as, decode_ecg, ecg_to_mv, encode, encode_ecg
+from broker_config.codec import (
+    MODELS,
+    PayloadError,
+    RejectKind,
+    decode,
+    decode_as,
+    decode_ecg,
+    ecg_to_mv,
+    encode,
+    encode_ecg,
+)
 from broker_config.codes import VITAL_CODES, VitalCode, code_for_field
 from broker_config.payloads import (
     SCHEMA_VERSION,
@@ -58,6 +68,7 @@ __all__ = [
     "PayloadError",
     "PreAlert",
     "Priority",
+    "RejectKind",
     "Scope",
     "Status",
     "Stream",

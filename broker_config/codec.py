@@ -41,6 +41,7 @@ import json
 import struct
 import zlib
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import numpy as np
@@ -63,6 +64,7 @@ from broker_config.topics import STREAMS, ParsedTopic, Scope, Stream, TopicError
 
 __all__ = [
     "ECG_MAGIC",
+    "RejectKind",
     "EcgEncoding",
     "MODELS",
     "PayloadError",
@@ -77,13 +79,27 @@ __all__ = [
 T = TypeVar("T", bound=BaseModel)
 
 
-class PayloadError(ValueError):
-    """A payload that cannot be accepted.  ``topic`` and ``reason`` are safe to log (no health data)."""
+class RejectKind(StrEnum):
+    """Why a payload was refused: the label consumers count rejects under."""
 
-    def __init__(self, topic: str, reason: str) -> None:
+    TOPIC = "topic"
+    OVERSIZED = "oversized"
+    NOT_UTF8 = "not_utf8"
+    MALFORMED = "malformed"
+    SCHEMA_VERSION = "schema_version"
+    INVALID_FIELDS = "invalid_fields"
+    UNIT_MISMATCH = "unit_mismatch"
+    WRONG_MODEL = "wrong_model"
+
+
+class PayloadError(ValueError):
+    """A payload that cannot be accepted.  ``topic``, ``kind`` and ``reason`` are safe to log (no health data)."""
+
+    def __init__(self, topic: str, reason: str, kind: RejectKind = RejectKind.MALFORMED) -> None:
         super().__init__(f"{reason} (topic {topic[:160]!r})")
         self.topic = topic
         self.reason = reason
+        self.kind = kind
 
 
 MODELS: dict[Stream, type[BaseModel]] = {
@@ -148,7 +164,7 @@ def _check_owner(topic: str, parsed: ParsedTopic, model: BaseModel) -> None:
         owner = getattr(model, "unit_id", None)
         what = "unit_id"
     if owner != parsed.owner_id:
-        raise PayloadError(topic, f"payload {what} does not match the topic")
+        raise PayloadError(topic, f"payload {what} does not match the topic", RejectKind.UNIT_MISMATCH)
 
 
 # --- public API --------------------------------------------------------------------------------------------------
@@ -162,14 +178,18 @@ def encode(stream: Stream, message: BaseModel, *, ecg_encoding: int = EcgEncodin
     """
     expected = MODELS.get(stream)
     if expected is None or not isinstance(message, expected):
-        raise PayloadError(stream.value, f"{type(message).__name__} is not the model of stream {stream.value}")
+        raise PayloadError(
+            stream.value, f"{type(message).__name__} is not the model of stream {stream.value}", RejectKind.WRONG_MODEL
+        )
     if isinstance(message, EcgChunk):
         data = encode_ecg(message, encoding=ecg_encoding)
     else:
         data = message.model_dump_json(exclude_defaults=False).encode()
     limit = STREAMS[stream].max_payload_bytes
     if len(data) > limit:
-        raise PayloadError(stream.value, f"encoded payload {len(data)} B exceeds the {limit} B limit")
+        raise PayloadError(
+            stream.value, f"encoded payload {len(data)} B exceeds the {limit} B limit", RejectKind.OVERSIZED
+        )
     return data
 
 
@@ -186,14 +206,14 @@ def decode(space: TopicSpace, topic: str, payload: bytes) -> tuple[ParsedTopic, 
     try:
         parsed = space.parse(topic)
     except TopicError as exc:
-        raise PayloadError(topic, exc.reason) from None
+        raise PayloadError(topic, exc.reason, RejectKind.TOPIC) from None
     stream = parsed.stream
     limit = STREAMS[stream].max_payload_bytes
     if len(payload) > limit:
-        raise PayloadError(topic, f"payload {len(payload)} B exceeds the {limit} B limit")
+        raise PayloadError(topic, f"payload {len(payload)} B exceeds the {limit} B limit", RejectKind.OVERSIZED)
     model_cls = MODELS.get(stream)
     if model_cls is None:
-        raise PayloadError(topic, f"stream {stream.value} has no decodable payload model")
+        raise PayloadError(topic, f"stream {stream.value} has no decodable payload model", RejectKind.TOPIC)
     model: BaseModel
     if stream is Stream.ECG:
         model = decode_ecg(payload, topic=topic)
@@ -207,7 +227,7 @@ def decode_as(model_cls: type[T], space: TopicSpace, topic: str, payload: bytes)
     """:func:`decode`, and also check the result is a ``model_cls`` (else PayloadError)."""
     _, model = decode(space, topic, payload)
     if not isinstance(model, model_cls):
-        raise PayloadError(topic, f"expected {model_cls.__name__}")
+        raise PayloadError(topic, f"expected {model_cls.__name__}", RejectKind.WRONG_MODEL)
     return model
 
 
@@ -215,7 +235,7 @@ def _decode_json(model_cls: type[BaseModel], payload: bytes, topic: str) -> Base
     try:
         text = payload.decode("utf-8", errors="strict")
     except UnicodeDecodeError:
-        raise PayloadError(topic, "payload is not valid UTF-8") from None
+        raise PayloadError(topic, "payload is not valid UTF-8", RejectKind.NOT_UTF8) from None
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
@@ -224,12 +244,16 @@ def _decode_json(model_cls: type[BaseModel], payload: bytes, topic: str) -> Base
         raise PayloadError(topic, "payload is not a JSON object")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise PayloadError(topic, f"unsupported schema_version {str(version)[:16]!r}, expected {SCHEMA_VERSION}")
+        raise PayloadError(
+            topic,
+            f"unsupported schema_version {str(version)[:16]!r}, expected {SCHEMA_VERSION}",
+            RejectKind.SCHEMA_VERSION,
+        )
     try:
         return model_cls.model_validate(_tolerant(model_cls, data))
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in err["loc"]) or "(root)" for err in exc.errors()})
-        raise PayloadError(topic, f"invalid fields: {', '.join(fields)[:200]}") from None
+        raise PayloadError(topic, f"invalid fields: {', '.join(fields)[:200]}", RejectKind.INVALID_FIELDS) from None
 
 
 def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB) -> bytes:
@@ -264,7 +288,9 @@ def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB) -> by
     if encoding == EcgEncoding.RAW_INT16:
         body = i16.tobytes()
     elif encoding == EcgEncoding.DELTA_ZLIB:
-        delta = np.ascontiguousarray(np.diff(i16, axis=1, prepend=np.zeros((i16.shape[0], 1), dtype="<i2")), dtype="<i2")
+        delta = np.ascontiguousarray(
+            np.diff(i16, axis=1, prepend=np.zeros((i16.shape[0], 1), dtype="<i2")), dtype="<i2"
+        )
         planes = delta.view(np.uint8).reshape(*delta.shape, 2)
         body = zlib.compress(np.ascontiguousarray(planes.transpose(2, 0, 1)).tobytes(), 6)
     else:
@@ -282,7 +308,9 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
     if magic != ECG_MAGIC:
         raise PayloadError(topic, "not a GHE1 ECG chunk (bad magic)")
     if version != SCHEMA_VERSION:
-        raise PayloadError(topic, f"unsupported schema_version {version}, expected {SCHEMA_VERSION}")
+        raise PayloadError(
+            topic, f"unsupported schema_version {version}, expected {SCHEMA_VERSION}", RejectKind.SCHEMA_VERSION
+        )
     if not 1 <= n_leads <= 16 or not 1 <= unit_len <= 32:
         raise PayloadError(topic, "ECG chunk header out of range (leads or unit id length)")
     total = n_leads * n_samples
@@ -338,10 +366,9 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
         )
     except (ValidationError, OverflowError) as exc:
         detail = exc.errors()[0]["loc"] if isinstance(exc, ValidationError) and exc.errors() else ""
-        raise PayloadError(topic, f"ECG chunk header has invalid values {detail}") from None
+        raise PayloadError(topic, f"ECG chunk header has invalid values {detail}", RejectKind.INVALID_FIELDS) from None
 
 
 def ecg_to_mv(chunk: EcgChunk) -> np.ndarray:
     """The chunk's samples in mV, float64, shape (n_leads, n_samples): (adc - baseline) / gain."""
     return (chunk.samples.astype(np.float64) - chunk.baseline_adc) / chunk.gain_adc_per_mv
-

@@ -244,6 +244,9 @@ class Findings(_Model):
     """First medical contact (NEMSIS eTimes.07)."""
     symptom_onset_at: UtcDatetime | None = None
     last_known_well_at: UtcDatetime | None = None
+    first_ecg_at: UtcDatetime | None = None
+    """First 12-lead ECG recorded (China CPC / ESC: FMC -> first ECG <= 10 min)."""
+    ecg_transmitted_at: UtcDatetime | None = None
     ecg_st_elevation: bool | None = None
     be_fast_positive: bool | None = None
     lams: Annotated[int, Field(ge=0, le=5)] | None = None
@@ -356,6 +359,8 @@ class NoticeKind(StrEnum):
     ALERT_STATE = "alert_state"
     ASSIGNMENT = "assignment"
     """Dispatch assigns the unit to an incident; the crew answers with a Status(assigned, incident_id)."""
+    ASSIGNMENT_CANCELLED = "assignment_cancelled"
+    """The unit is stood down from ``incident_id`` (re-assigned to another unit, or the incident was cancelled)."""
 
 
 class Notice(Envelope):

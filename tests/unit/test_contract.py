@@ -304,3 +304,15 @@ def test_sent_at_far_from_now_is_still_accepted_as_data() -> None:
     old = _vitals(sent_at=T0 - timedelta(days=7168), measured_at=T0 - timedelta(days=7168))
     _, back = decode(SPACE, SPACE.unit("AMB1", Stream.VITALS), encode(Stream.VITALS, old))
     assert back == old
+
+
+def test_every_reject_names_its_kind_for_counting() -> None:
+    from broker_config import RejectKind
+
+    kinds = set()
+    for _name, stream, payload, _reason in _malformed_cases():
+        with pytest.raises(PayloadError) as info:
+            decode(SPACE, SPACE.unit("AMB1", stream), payload)
+        kinds.add(info.value.kind)
+    assert {RejectKind.MALFORMED, RejectKind.INVALID_FIELDS, RejectKind.SCHEMA_VERSION, RejectKind.NOT_UTF8,
+            RejectKind.OVERSIZED, RejectKind.UNIT_MISMATCH} <= kinds  # fmt: skip
