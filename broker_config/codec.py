@@ -214,11 +214,7 @@ def decode(space: TopicSpace, topic: str, payload: bytes) -> tuple[ParsedTopic, 
     model_cls = MODELS.get(stream)
     if model_cls is None:
         raise PayloadError(topic, f"stream {stream.value} has no decodable payload model", RejectKind.TOPIC)
-    model: BaseModel
-    if stream is Stream.ECG:
-        model = decode_ecg(payload, topic=topic)
-    else:
-        model = _decode_json(model_cls, payload, topic)
+    model = decode_ecg(payload, topic=topic) if stream is Stream.ECG else _decode_json(model_cls, payload, topic)
     _check_owner(topic, parsed, model)
     return parsed, model
 
@@ -314,7 +310,7 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
     if not 1 <= n_leads <= 16 or not 1 <= unit_len <= 32:
         raise PayloadError(topic, "ECG chunk header out of range (leads or unit id length)")
     total = n_leads * n_samples
-    if not 0 < n_samples or total * 2 > STREAMS[Stream.ECG].max_payload_bytes * 8:
+    if n_samples <= 0 or total * 2 > STREAMS[Stream.ECG].max_payload_bytes * 8:
         raise PayloadError(topic, "ECG chunk declares an impossible sample count")
     pos = _HEAD.size
     try:

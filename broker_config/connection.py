@@ -168,7 +168,8 @@ class MqttLink:
                                 await result
                         except Exception:  # noqa: BLE001 - the per-message error boundary
                             self.rejected += 1
-                            logger.warning("handler failed topic=%s bytes=%d", message.topic, len(message.payload or b""))
+                            size = len(message.payload or b"")
+                            logger.warning("handler failed topic=%s bytes=%d", message.topic, size)
             except aiomqtt.MqttCodeError as exc:
                 if getattr(exc, "rc", None) in _AUTH_CODES:
                     raise AuthError(f"broker refused client {self.client_id}: not authorised") from None
@@ -182,7 +183,9 @@ class MqttLink:
             logger.info("mqtt reconnect client=%s in %.2f s", self.client_id, delay)
             await asyncio.sleep(delay)
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool = False, timeout_s: float = 10) -> None:
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False, timeout_s: float = 10
+    ) -> None:
         """Publish and, for QoS 1, wait (bounded by ``timeout_s``) for the broker's PUBACK.
 
         Raises:
@@ -201,4 +204,3 @@ class MqttLink:
         """Wait until a session is up.  Raises TimeoutError."""
         async with asyncio.timeout(timeout_s):
             await self.connected.wait()
-
