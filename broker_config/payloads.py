@@ -144,7 +144,8 @@ class EcgChunk(Envelope):
 
     Physical value in mV = (adc - baseline_adc) / gain_adc_per_mv.  ``samples`` is a read-only int16 numpy
     array of shape (n_leads, n_samples): ``samples[lead, i]`` is lead ``leads[lead]`` at ``start_at + i / fs_hz``.
-    On the wire this travels in the binary layout of :mod:`broker_config.codec`, never as JSON floats nor one message per sample.
+    On the wire this travels in the binary layout of :mod:`broker_config.codec`, never as JSON floats nor one
+    message per sample.
     ``fs_hz`` is required (FF-10: a missing or wrong rate makes nonsense heart rates).
     """
 
