@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -57,7 +57,9 @@ __all__ = ["Ingest", "IngestStats", "RejectReason", "classify_rejection", "subsc
 
 logger = logging.getLogger(__name__)
 
-Item = tuple[ParsedTopic, BaseModel, datetime]
+Item = tuple[ParsedTopic, BaseModel, datetime, bytes | None]
+"""A decoded message, its receive time and, for ECG, the payload bytes (stored as received: already compressed)."""
+OnStored = Callable[[Sequence[Item], datetime], None]
 T = TypeVar("T")
 
 
@@ -76,6 +78,10 @@ class RejectReason(StrEnum):
     """The unit (or hospital) id in the payload is not the one in the topic."""
     QUEUE_FULL = "queue_full"
     STORE_REFUSED = "store_refused"
+    EXPIRED = "expired"
+    """Older than the stream's retention: there is no partition to keep it in (and it would be dropped anyway)."""
+    FUTURE = "future"
+    """Time too far ahead of the store's clock to be filed (a device clock gone wrong, FF-07)."""
     OTHER = "other"
 
 
@@ -175,8 +181,13 @@ class Ingest:
         queue_max: capacity of the in-memory queue between the receive loop and the writer.
         write_timeout_s: deadline of one store write; past it the write counts as failed and is retried.
         retry_min_s, retry_max_s: back-off bounds for failed writes (capped exponential, full jitter).
-        share_group: subscribe through ``$share/{group}/`` so several workers split the load.  Gap detection is
-            then off (each worker sees only part of every unit's sequence); query ``Store.seqs`` instead.
+        share_group: subscribe through ``$share/{group}/`` so several workers split the load.  Each worker then
+            sees only part of every unit's sequence, so the in-memory gap tracker is off and gaps are found in the
+            store instead (``PostgresStore.scan_gaps`` every ``gap_scan_interval_s``; one worker at a time).
+        gap_scan_interval_s, gap_window_s, gap_settle_s: the store-side gap scan (shared mode): how often, how far
+            back in partition time it looks, and how long a jump must have been stored before it is reported.
+        on_stored: called after every stored batch with the batch and the commit time (UTC); the benchmark's
+            publish-to-commit lag.  Must be quick.
         enqueue_timeout_s: how long the receive loop waits for room when the queue is full before it drops the
             message (counted as ``queue_full``; the next message of that stream then shows the gap).
     """
@@ -196,6 +207,11 @@ class Ingest:
         retry_max_s: float = 10.0,
         share_group: str | None = None,
         enqueue_timeout_s: float = 5.0,
+        gap_scan_interval_s: float = 2.0,
+        gap_window_s: float = 300.0,
+        gap_settle_s: float = 3.0,
+        on_stored: OnStored | None = None,
+        max_queued_incoming: int = 10_000,
     ) -> None:
         if batch_max < 1 or queue_max < 1 or batch_age_s <= 0 or write_timeout_s <= 0:
             raise ValueError("batch_max, queue_max, batch_age_s and write_timeout_s must be positive")
@@ -209,8 +225,12 @@ class Ingest:
         self.share_group = share_group
         self.enqueue_timeout_s = enqueue_timeout_s
         self.detect_gaps = share_group is None
+        self.gap_scan_interval_s = gap_scan_interval_s
+        self.gap_window_s = gap_window_s
+        self.gap_settle_s = gap_settle_s
+        self.on_stored = on_stored
         self.stats = IngestStats()
-        self.link = MqttLink(broker, client_id=client_id, clean_session=False)
+        self.link = MqttLink(broker, client_id=client_id, clean_session=False, max_queued_incoming=max_queued_incoming)
         self.ready = asyncio.Event()
         """Set once the resume state is loaded and the receive loop may start."""
         self._queue: asyncio.Queue[Item] = asyncio.Queue(queue_max)
@@ -233,6 +253,8 @@ class Ingest:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(self._on_connect, self._on_message), name="ingest-mqtt")
                 tg.create_task(self._writer(), name="ingest-writer")
+                if not self.detect_gaps and hasattr(self.store, "scan_gaps"):
+                    tg.create_task(self._gap_scanner(), name="ingest-gap-scan")
         finally:
             await self._drain()
 
@@ -295,7 +317,8 @@ class Ingest:
         if parsed.stream not in STORED_STREAMS:
             self.stats.ignored[parsed.stream] += 1
             return
-        if not await self._enqueue((parsed, model, received_at)):
+        wire = bytes(payload) if parsed.stream is Stream.ECG else None
+        if not await self._enqueue((parsed, model, received_at, wire)):
             self.stats.rejected[RejectReason.QUEUE_FULL] += 1
             logger.warning("message dropped, queue full topic=%s seq=%s", topic, getattr(model, "seq", None))
             self._notify()
@@ -336,7 +359,7 @@ class Ingest:
             self.stats.gaps_detected += 1
             logger.warning("sequence gap unit=%s stream=%s from_seq=%d to_seq=%d", unit_id, parsed.stream, lo, hi)
             gap_topic = ParsedTopic(Scope.TELEMETRY, unit_id, Stream.GAP)
-            if not await self._enqueue((gap_topic, record, received_at)):
+            if not await self._enqueue((gap_topic, record, received_at, None)):
                 logger.error("gap record dropped, queue full unit=%s stream=%s", unit_id, parsed.stream)
         elif observed.arrival is Arrival.LATE_FILL:
             self.stats.late_fills += 1
@@ -392,7 +415,7 @@ class Ingest:
                 try:
                     result.add(await self._write_retrying([item]))
                 except WriteError as item_exc:
-                    parsed, model, _ = item
+                    parsed, model = item[0], item[1]
                     self.stats.rejected[RejectReason.STORE_REFUSED] += 1
                     logger.warning(
                         "message refused by the store unit=%s stream=%s seq=%s sqlstate=%s",
@@ -404,8 +427,18 @@ class Ingest:
         self.stats.inserted.update(result.inserted)
         self.stats.duplicates.update(result.duplicates)
         self.stats.ignored.update(result.ignored)
+        for reason, counts in ((RejectReason.EXPIRED, result.expired), (RejectReason.FUTURE, result.future)):
+            if counts:
+                self.stats.rejected[reason] += sum(counts.values())
+                logger.warning(
+                    "messages refused by retention reason=%s streams=%s",
+                    reason,
+                    ",".join(f"{s.value}:{n}" for s, n in sorted(counts.items())),
+                )
         self.stats.batches += 1
-        self._unpublished.extend(m for p, m, _ in batch if p.stream is Stream.GAP and isinstance(m, GapRecord))
+        if self.on_stored is not None:
+            self.on_stored(batch, utc_now())
+        self._unpublished.extend(i[1] for i in batch if i[0].stream is Stream.GAP and isinstance(i[1], GapRecord))
         self._notify()
 
     async def _write_retrying(self, batch: list[Item]) -> WriteResult:
@@ -447,6 +480,32 @@ class Ingest:
             self._unpublished.popleft()
             self.stats.gaps_published += 1
             self._notify()
+
+    async def _gap_scanner(self) -> None:
+        """Shared mode: find gaps in the store (every worker tries; the store lets one scan at a time)."""
+        scan = self.store.scan_gaps  # type: ignore[attr-defined]
+        while True:
+            await asyncio.sleep(self.gap_scan_interval_s)
+            try:
+                async with asyncio.timeout(self.write_timeout_s):
+                    records = await scan(window_s=self.gap_window_s, settle_s=self.gap_settle_s)
+            except (StoreUnavailableError, TimeoutError) as exc:
+                logger.warning("gap scan failed (%s); next in %.1f s", type(exc).__name__, self.gap_scan_interval_s)
+                continue
+            for record in records or ():
+                self.stats.gaps_detected += 1
+                self.stats.inserted[Stream.GAP] += 1
+                logger.warning(
+                    "sequence gap unit=%s stream=%s from_seq=%d to_seq=%d",
+                    record.unit_id,
+                    record.stream,
+                    record.from_seq,
+                    record.to_seq,
+                )
+                self._unpublished.append(record)
+            if records:
+                await self._publish_gaps()
+                self._notify()
 
     async def _drain(self) -> None:
         """On shutdown: write the in-flight batch and whatever is queued, bounded by ``write_timeout_s``."""

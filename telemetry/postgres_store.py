@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -24,8 +26,10 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
+from pydantic import BaseModel
 
-from broker_config import VITAL_CODES, Stream
+from broker_config import VITAL_CODES, EcgChunk, GapRecord, Stream
+from broker_config.codec import EcgEncoding, decode_ecg, encode_ecg
 from telemetry.errors import MigrationError, StoreUnavailableError, WriteError
 from telemetry.migrate import load_migrations
 from telemetry.records import (
@@ -40,13 +44,120 @@ from telemetry.records import (
     WriteResult,
 )
 from telemetry.rows import TABLES, Row, TableSpec, as_utc, group_rows
-from telemetry.store import ECG_LOOKBACK_MARGIN_S, Batch, StoredChunk, assemble_window, concat_adc
+from telemetry.store import ECG_LOOKBACK_MARGIN_S, Batch, BatchItem, StoredChunk, assemble_window, concat_adc
 
-__all__ = ["MIGRATION_LOCK_ID", "PostgresStore", "utc_conninfo"]
+__all__ = ["GAP_SCAN_LOCK_ID", "MIGRATION_LOCK_ID", "PG_ECG", "PostgresStore", "RetentionRule", "utc_conninfo"]
 
 logger = logging.getLogger(__name__)
 
 MIGRATION_LOCK_ID = 0x67686D67  # "ghmg": advisory lock so concurrent ingest workers migrate one at a time
+GAP_SCAN_LOCK_ID = 0x67686773  # "ghgs": one store-side gap scan at a time across workers
+_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)  # date_bin origin of the partitions (migration 0002)
+_RETENTION_REFRESH_S = 60.0
+
+PG_ECG = TableSpec(
+    "ecg_chunk",
+    Stream.ECG,
+    (
+        "unit_id",
+        "seq",
+        "start_at",
+        "end_at",
+        "fs_hz",
+        "leads",
+        "gain_adc_per_mv",
+        "baseline_adc",
+        "n_samples",
+        "ghe1",
+        "lead_off",
+        "sent_at",
+        "received_at",
+        "historical",
+    ),
+    (
+        "text",
+        "bigint",
+        "timestamptz",
+        "timestamptz",
+        "float8",
+        "text[]",
+        "float8",
+        "integer",
+        "integer",
+        "bytea",
+        "boolean[]",
+        "timestamptz",
+        "timestamptz",
+        "boolean",
+    ),
+    ("unit_id", "seq"),
+)
+"""The PostgreSQL ECG table (migration 0002): samples kept as the GHE1 message (lossless delta-zlib, about one byte
+per sample) rather than raw int16, plus ``end_at`` so that a window query reads only the chunks it needs."""
+
+_PARTITION_TIME: dict[Stream, str] = {Stream.ECG: "start_at", Stream.VITALS: "measured_at", Stream.GPS: "sent_at"}
+"""Partition key of each time-partitioned stream: a time carried in the payload, so a redelivery lands in the same
+partition and hits the same unique key."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRule:
+    """One row of ``telemetry_retention``: how long a stream is kept and how it is partitioned."""
+
+    stream: Stream
+    table: str
+    retain: timedelta
+    partition_width: timedelta
+    premake: timedelta
+
+
+def _partition_time(model: BaseModel, stream: Stream) -> datetime:
+    value = getattr(model, _PARTITION_TIME[stream])
+    if not isinstance(value, datetime):
+        raise TypeError(f"{type(model).__name__} has no {_PARTITION_TIME[stream]}")
+    return value
+
+
+def _bin_start(at: datetime, width: timedelta) -> datetime:
+    """``date_bin(width, at, 2000-01-01Z)`` in Python (the partition holding ``at``)."""
+    return _ORIGIN + ((at - _ORIGIN) // width) * width
+
+
+def _ghe1(model: EcgChunk, wire: bytes | None) -> bytes:
+    """The chunk as GHE1 with delta-zlib samples: the payload as received when it already is that, else re-encoded."""
+    if wire is not None and len(wire) > 5 and wire[:4] == b"GHE1" and wire[5] >> 4 == EcgEncoding.DELTA_ZLIB:
+        return wire
+    return encode_ecg(model, encoding=EcgEncoding.DELTA_ZLIB)
+
+
+def _ecg_row(model: EcgChunk, received_at: datetime, wire: bytes | None) -> Row:
+    return (
+        model.unit_id,
+        model.seq,
+        model.start_at,
+        model.start_at + timedelta(seconds=model.n_samples / model.fs_hz),
+        model.fs_hz,
+        tuple(model.leads),
+        model.gain_adc_per_mv,
+        model.baseline_adc,
+        model.n_samples,
+        _ghe1(model, wire),
+        tuple(model.lead_off),
+        model.sent_at,
+        as_utc(received_at),
+        model.historical,
+    )
+
+
+def _stored_adc(samples: bytes | None, ghe1: bytes | None) -> bytes:
+    """Raw little-endian int16 lead-major samples of a stored chunk (legacy raw column, or decoded GHE1)."""
+    if samples is not None:
+        return bytes(samples)
+    if ghe1 is None:
+        raise ValueError("stored ECG chunk without samples")
+    return decode_ecg(bytes(ghe1), topic="store").samples.astype("<i2", copy=False).tobytes()
+
+
 _FIELD_BY_LOINC = {c.loinc: c.field for c in VITAL_CODES}
 
 
@@ -121,6 +232,17 @@ class _Session:
             await self._discard()
 
 
+_UPSERT_LATEST = (
+    "INSERT INTO vitals_latest (unit_id, loinc, seq, mdc_code, ucum, value, measured_at, historical)"
+    " SELECT DISTINCT ON (unit_id, loinc) unit_id, loinc, seq, mdc_code, ucum, value, measured_at, historical"
+    " FROM stage_vitals ORDER BY unit_id, loinc, measured_at DESC, seq DESC"
+    " ON CONFLICT (unit_id, loinc) DO UPDATE SET seq = excluded.seq, mdc_code = excluded.mdc_code,"
+    " ucum = excluded.ucum, value = excluded.value, measured_at = excluded.measured_at,"
+    " historical = excluded.historical"
+    " WHERE (excluded.measured_at, excluded.seq) > (vitals_latest.measured_at, vitals_latest.seq)"
+)
+
+
 class PostgresStore:
     """The telemetry store on PostgreSQL 15+ (stock; TimescaleDB not required).  Build it with
     :func:`telemetry.store.open_store`.
@@ -129,10 +251,16 @@ class PostgresStore:
     ``timeout_s`` bounds each connection attempt.
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 10.0, clock: Any = None) -> None:
         self._conninfo = utc_conninfo(url)
         self._writer = _Session(self._conninfo, timeout_s)
         self._reader = _Session(self._conninfo, timeout_s)
+        self._scanner = _Session(self._conninfo, timeout_s)
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._rules: dict[Stream, RetentionRule] = {}
+        self._rules_loaded_at = -1e18
+        self._native = True
+        self._partitions: set[tuple[str, datetime]] = set()
 
     async def migrate(self) -> list[int]:
         """Apply pending PostgreSQL migrations under an advisory lock (idempotent); return versions applied now."""
@@ -160,32 +288,127 @@ class PostgresStore:
                     )
                 logger.info("postgres migration applied version=%04d name=%s", migration.version, migration.name)
                 applied.append(migration.version)
+        self._writer.staged = False  # the staging tables copy the table shapes: rebuild them after a migration
+        self._rules_loaded_at = -1e18
+        self._partitions.clear()
         return applied
 
+    # --- retention and partitions ---------------------------------------------------------------------------------
+
+    async def retention(self) -> dict[Stream, RetentionRule]:
+        """The retention rules in force (``telemetry_retention``), re-read at most once a minute."""
+        if time.monotonic() - self._rules_loaded_at < _RETENTION_REFRESH_S and self._rules:
+            return self._rules
+        async with self._writer.use() as conn:
+            cur = await conn.execute(
+                "SELECT stream, table_name, retain, partition_width, premake FROM telemetry_retention"
+            )
+            rows = await cur.fetchall()
+            cur = await conn.execute("SELECT mode FROM telemetry_storage")
+            mode = await cur.fetchone()
+            cur = await conn.execute("SELECT table_name, lower_bound FROM telemetry_partition")
+            parts = await cur.fetchall()
+        self._rules = {Stream(r[0]): RetentionRule(Stream(r[0]), r[1], r[2], r[3], r[4]) for r in rows}
+        self._native = mode is None or mode[0] == "native"
+        self._partitions = {(t, lo) for t, lo in parts}
+        self._rules_loaded_at = time.monotonic()
+        return self._rules
+
+    async def _ensure_partitions(self, needed: set[tuple[str, datetime]]) -> None:
+        """Create the partitions a batch needs, each in its own short transaction (attaching locks the parent)."""
+        missing = sorted(needed - self._partitions)
+        if not missing or not self._native:
+            return
+        async with self._writer.use() as conn:
+            for table, lower in missing:
+                await conn.execute("SELECT telemetry_ensure_partition(%s, %s)", (table, lower))
+                self._partitions.add((table, lower))
+                logger.info("partition ensured table=%s from=%s", table, lower.isoformat())
+
+    # --- writes ---------------------------------------------------------------------------------------------------
+
     async def write(self, batch: Batch) -> WriteResult:
-        """Store a batch in one transaction; see :meth:`telemetry.store.Store.write`."""
-        grouped, ignored = group_rows(batch)
+        """Store a batch in one transaction; see :meth:`telemetry.store.Store.write`.
+
+        Messages of a time-partitioned stream older than the stream's retention are refused and counted as
+        ``expired``; those more than ``premake`` ahead of the store's clock as ``future``.  Partitions for late
+        data that is still within retention are created on demand.
+        """
         result = WriteResult()
+        rules = await self.retention()
+        now = self._clock()
+        kept: list[BatchItem] = []
+        ecg: list[list[Row]] = []
+        needed: set[tuple[str, datetime]] = set()
+        for item in batch:
+            parsed, model = item[0], item[1]
+            rule = rules.get(parsed.stream)
+            if rule is not None and parsed.stream in _PARTITION_TIME:
+                at = _partition_time(model, parsed.stream)
+                if at < now - rule.retain:
+                    result.expired[parsed.stream] += 1
+                    continue
+                if at >= now + rule.premake + rule.partition_width:
+                    result.future[parsed.stream] += 1
+                    continue
+                needed.add((rule.table, _bin_start(at, rule.partition_width)))
+            if parsed.stream is Stream.ECG and isinstance(model, EcgChunk):
+                wire = item[3] if len(item) > 3 else None
+                ecg.append([_ecg_row(model, item[2], wire)])
+            else:
+                kept.append(item)
+        grouped, ignored = group_rows(kept)
         result.ignored.update(ignored)
+        if ecg:
+            grouped[Stream.ECG] = ecg
         if not grouped:
             return result
+        await self._ensure_partitions(needed)
+        try:
+            await self._write_grouped(grouped, result)
+        except WriteError as exc:
+            if exc.sqlstate != "23514" or not needed:
+                raise
+            # "no partition of relation found for row": a partition was dropped behind our cache; re-read, retry once
+            self._rules_loaded_at = -1e18
+            await self.retention()
+            await self._ensure_partitions(needed)
+            result.inserted.clear()
+            result.duplicates.clear()
+            await self._write_grouped(grouped, result)
+        return result
+
+    async def _write_grouped(self, grouped: dict[Stream, list[list[Row]]], result: WriteResult) -> None:
         async with self._writer.use() as conn:
             if not self._writer.staged:
-                for spec in TABLES.values():
+                for spec in (*(t for s, t in TABLES.items() if s is not Stream.ECG), PG_ECG):
                     await conn.execute(
                         sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
                             _stage(spec), sql.Identifier(spec.name)
                         )
                     )
                 self._writer.staged = True
+            # streams in a fixed order: concurrent workers then lock head/latest rows in the same order
             async with conn.transaction(), conn.cursor() as cur:
-                for stream, messages in grouped.items():
-                    inserted = await self._copy_insert(cur, TABLES[stream], messages)
+                for stream in sorted(grouped):
+                    messages = grouped[stream]
+                    spec = PG_ECG if stream is Stream.ECG else TABLES[stream]
+                    inserted = await self._copy_insert(cur, spec, messages)
                     if inserted:
                         result.inserted[stream] += inserted
                     if len(messages) > inserted:
                         result.duplicates[stream] += len(messages) - inserted
-        return result
+                    if stream is Stream.VITALS:
+                        await cur.execute(_UPSERT_LATEST)
+                    if stream in _PARTITION_TIME:
+                        await cur.execute(
+                            sql.SQL(
+                                "INSERT INTO stream_head (unit_id, stream, max_seq)"
+                                " SELECT unit_id, {}, max(seq) FROM {} GROUP BY unit_id ORDER BY unit_id"
+                                " ON CONFLICT (unit_id, stream) DO UPDATE SET max_seq = excluded.max_seq"
+                                " WHERE excluded.max_seq > stream_head.max_seq"
+                            ).format(sql.Literal(stream.value), _stage(spec))
+                        )
 
     @staticmethod
     async def _copy_insert(cur: psycopg.AsyncCursor[Any], spec: TableSpec, messages: list[list[Row]]) -> int:
@@ -205,13 +428,17 @@ class PostgresStore:
         )
         await cur.execute(insert)
         keys = {tuple(r) for r in await cur.fetchall()}
-        await cur.execute(sql.SQL("TRUNCATE {}").format(_stage(spec)))
         return len(keys)
 
     async def _fetch(
-        self, query: sql.SQL | sql.Composed | str, params: tuple[object, ...] = (), *, binary: bool = False
+        self,
+        query: sql.SQL | sql.Composed | str,
+        params: Sequence[object] | dict[str, object] = (),
+        *,
+        binary: bool = False,
     ) -> list[Any]:
         statement = query if isinstance(query, sql.SQL | sql.Composed) else query.encode()
+        # a read is idempotent: retried once on a fresh connection below
         try:
             return await self._fetch_once(statement, params, binary)
         except StoreUnavailableError:
@@ -220,54 +447,58 @@ class PostgresStore:
             return await self._fetch_once(statement, params, binary)
 
     async def _fetch_once(
-        self, statement: sql.SQL | sql.Composed | bytes, params: tuple[object, ...], binary: bool
+        self, statement: sql.SQL | sql.Composed | bytes, params: Sequence[object] | dict[str, object], binary: bool
     ) -> list[Any]:
         async with self._reader.use() as conn, conn.cursor(binary=binary) as cur:
             await cur.execute(statement, params)
             return await cur.fetchall()
 
     async def latest_vitals(self) -> dict[str, LatestVitals]:
-        """Per unit: the latest value of each vital code; see :meth:`telemetry.store.Store.latest_vitals`."""
+        """Per unit: the latest value of each vital code (from ``vitals_latest``, kept by every write)."""
         rows = await self._fetch(
-            "SELECT DISTINCT ON (unit_id, loinc) unit_id, seq, loinc, mdc_code, ucum, value, measured_at, historical"
-            " FROM vitals ORDER BY unit_id, loinc, measured_at DESC, seq DESC"
+            "SELECT unit_id, seq, loinc, mdc_code, ucum, value, measured_at, historical FROM vitals_latest",
+            binary=True,
         )
         out: dict[str, LatestVitals] = {}
         for unit_id, seq, loinc, mdc, ucum, value, measured_at, historical in rows:
-            latest = out.setdefault(unit_id, LatestVitals(unit_id, {}))
+            latest = out.get(unit_id)
+            if latest is None:
+                out[unit_id] = latest = LatestVitals(unit_id, {})
             latest.values[loinc] = VitalValue(
                 _FIELD_BY_LOINC.get(loinc, loinc), loinc, mdc, ucum, value, measured_at, seq, historical
             )
         return out
 
     async def ecg_window(self, unit_id: str, seconds: float) -> EcgWindow | None:
-        """The unit's last ``seconds`` of ECG; see :func:`telemetry.store.assemble_window`."""
+        """The unit's last ``seconds`` of ECG; see :func:`telemetry.store.assemble_window`.
+
+        Reads only the chunks that reach into the window (index on ``end_at``); ``start_at`` bounds the partitions.
+        """
         if seconds <= 0:
             raise ValueError("seconds must be positive")
-        newest = await self._fetch("SELECT max(start_at) FROM ecg_chunk WHERE unit_id = %s", (unit_id,))
-        if not newest or newest[0][0] is None:
-            return None
-        since = newest[0][0] - timedelta(seconds=seconds + ECG_LOOKBACK_MARGIN_S)
         rows = await self._fetch(
-            "SELECT seq, start_at, fs_hz, leads, gain_adc_per_mv, baseline_adc, n_samples, samples FROM ecg_chunk"
-            " WHERE unit_id = %s AND start_at >= %s ORDER BY seq",
-            (unit_id, since),
+            "WITH newest AS (SELECT max(end_at) AS end_at FROM ecg_chunk WHERE unit_id = %(u)s)"
+            " SELECT seq, start_at, fs_hz, leads, gain_adc_per_mv, baseline_adc, n_samples, samples, ghe1"
+            " FROM ecg_chunk, newest WHERE unit_id = %(u)s"
+            " AND ecg_chunk.end_at > newest.end_at - make_interval(secs => %(s)s)"
+            " AND start_at > newest.end_at - make_interval(secs => %(m)s) ORDER BY seq",
+            {"u": unit_id, "s": seconds, "m": seconds + ECG_LOOKBACK_MARGIN_S},
             binary=True,
         )
         chunks = [
-            StoredChunk(seq, start, fs, tuple(leads), gain, base, n, bytes(raw))
-            for seq, start, fs, leads, gain, base, n, raw in rows
+            StoredChunk(seq, start, fs, tuple(leads), gain, base, n, _stored_adc(raw, ghe1))
+            for seq, start, fs, leads, gain, base, n, raw, ghe1 in rows
         ]
         return assemble_window(unit_id, chunks, seconds)
 
     async def ecg_samples(self, unit_id: str) -> np.ndarray:
         """All stored ADC samples, int16 (n_leads, n) in seq order; shape (0, 0) when none."""
         rows = await self._fetch(
-            "SELECT cardinality(leads), n_samples, samples FROM ecg_chunk WHERE unit_id = %s ORDER BY seq",
+            "SELECT cardinality(leads), n_samples, samples, ghe1 FROM ecg_chunk WHERE unit_id = %s ORDER BY seq",
             (unit_id,),
             binary=True,
         )
-        return concat_adc((n_leads, n, bytes(raw)) for n_leads, n, raw in rows)
+        return concat_adc((n_leads, n, _stored_adc(raw, ghe1)) for n_leads, n, raw, ghe1 in rows)
 
     async def seqs(self, unit_id: str, stream: Stream) -> list[int]:
         """Distinct stored seqs of one unit's stream, ascending.  Raises KeyError for an unstored stream."""
@@ -318,18 +549,115 @@ class PostgresStore:
         return [GapInfo(u, Stream(s), lo, hi, det, seq, int(missing)) for u, s, lo, hi, det, seq, missing in rows]
 
     async def ingest_state(self) -> IngestState:
-        """Highest stored seq per (unit, gap-tracked stream) and highest gap seq per unit."""
-        max_seq: dict[tuple[str, Stream], int] = {}
-        for stream in sorted(GAP_TRACKED_STREAMS):
-            query = sql.SQL("SELECT unit_id, max(seq) FROM {} GROUP BY unit_id").format(
-                sql.Identifier(TABLES[stream].name)
-            )
-            for unit, top in await self._fetch(query):
-                max_seq[(unit, stream)] = int(top)
-        rows = await self._fetch("SELECT unit_id, max(seq) FROM telemetry_gap GROUP BY unit_id")
-        return IngestState(max_seq, {u: int(s) for u, s in rows})
+        """Highest stored seq per (unit, gap-tracked stream) (``stream_head``) and highest gap seq per unit."""
+        rows = await self._fetch("SELECT unit_id, stream, max_seq FROM stream_head")
+        max_seq = {(u, Stream(s)): int(top) for u, s, top in rows if Stream(s) in GAP_TRACKED_STREAMS}
+        gaps = await self._fetch("SELECT unit_id, max(seq) FROM telemetry_gap GROUP BY unit_id")
+        return IngestState(max_seq, {u: int(s) for u, s in gaps})
+
+    async def scan_gaps(self, *, window_s: float = 300.0, settle_s: float = 3.0) -> list[GapRecord] | None:
+        """Store-side gap detection for workers on a shared subscription (each sees only part of a sequence).
+
+        Per (unit, gap-tracked stream), ``gap_scan_state.checked_seq`` says every seq up to it is stored or
+        covered by a gap record.  The scan reads the seqs stored above it whose partition time is within the last
+        ``window_s`` (so it touches one or two partitions), walks them in order, and records a gap for a jump once
+        the message after the jump has been stored for ``settle_s`` (reordering between workers and batches has
+        then settled).  Seqs that are stored outside the window (an old replay) are checked before a gap is
+        recorded.  The new gap records are stored (idempotent on their key) and returned, to be published.
+
+        Returns None when another worker holds the scan (one scanner at a time, by advisory lock).
+        """
+        now = self._clock()
+        since = now - timedelta(seconds=window_s)
+        settled = now - timedelta(seconds=settle_s)
+        records: list[GapRecord] = []
+        async with self._scanner.use() as conn, conn.transaction(), conn.cursor() as cur:
+            await cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (GAP_SCAN_LOCK_ID,))
+            locked = await cur.fetchone()
+            if not locked or not locked[0]:
+                return None
+            await cur.execute("SELECT unit_id, coalesce(max(seq), -1) FROM telemetry_gap GROUP BY unit_id")
+            gap_seq = {u: int(top) for u, top in await cur.fetchall()}
+            for stream in sorted(_PARTITION_TIME):
+                table = sql.Identifier(PG_ECG.name if stream is Stream.ECG else TABLES[stream].name)
+                await cur.execute(
+                    sql.SQL(
+                        "SELECT h.unit_id, coalesce(s.checked_seq, -1), x.seq, x.rx FROM stream_head h"
+                        " LEFT JOIN gap_scan_state s ON s.unit_id = h.unit_id AND s.stream = h.stream"
+                        " CROSS JOIN LATERAL (SELECT t.seq, min(t.received_at) AS rx FROM {t} t"
+                        "   WHERE t.unit_id = h.unit_id AND t.seq > coalesce(s.checked_seq, -1) AND t.{c} >= %s"
+                        "   GROUP BY t.seq) x"
+                        " WHERE h.stream = %s AND h.max_seq > coalesce(s.checked_seq, -1)"
+                        " ORDER BY h.unit_id, x.seq"
+                    ).format(t=table, c=sql.Identifier(_PARTITION_TIME[stream])),
+                    (since, stream.value),
+                )
+                per_unit: dict[str, tuple[int, list[tuple[int, datetime]]]] = {}
+                for unit_id, checked, seq, rx in await cur.fetchall():
+                    per_unit.setdefault(unit_id, (int(checked), []))[1].append((int(seq), rx))
+                advanced: list[tuple[str, int]] = []
+                for unit_id, (checked, seqs) in per_unit.items():
+                    top = checked
+                    for seq, rx in seqs:
+                        if seq == top + 1:
+                            top = seq
+                            continue
+                        if rx > settled:
+                            break  # the jump is too recent: messages may still be on their way
+                        for lo, hi in await self._still_missing(cur, table, unit_id, top + 1, seq - 1):
+                            gap_seq[unit_id] = gap_seq.get(unit_id, -1) + 1
+                            records.append(
+                                GapRecord(
+                                    unit_id=unit_id,
+                                    seq=gap_seq[unit_id],
+                                    sent_at=now,
+                                    stream=stream.value,
+                                    from_seq=lo,
+                                    to_seq=hi,
+                                    detected_at=now,
+                                )
+                            )
+                        top = seq
+                    if top != checked:
+                        advanced.append((unit_id, top))
+                if advanced:
+                    await cur.executemany(
+                        "INSERT INTO gap_scan_state (unit_id, stream, checked_seq) VALUES (%s, %s, %s)"
+                        " ON CONFLICT (unit_id, stream) DO UPDATE SET checked_seq = excluded.checked_seq",
+                        [(u, stream.value, top) for u, top in advanced],
+                    )
+            if records:
+                await cur.executemany(
+                    "INSERT INTO telemetry_gap (unit_id, seq, stream, from_seq, to_seq, detected_at, sent_at,"
+                    " received_at, historical) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, false) ON CONFLICT DO NOTHING",
+                    [(r.unit_id, r.seq, r.stream, r.from_seq, r.to_seq, now, now, now) for r in records],
+                )
+        return records
+
+    @staticmethod
+    async def _still_missing(
+        cur: psycopg.AsyncCursor[Any], table: sql.Identifier, unit_id: str, lo: int, hi: int
+    ) -> list[tuple[int, int]]:
+        """The sub-ranges of ``lo..hi`` with no stored row in any partition (late or replayed data counts)."""
+        await cur.execute(
+            sql.SQL("SELECT DISTINCT seq FROM {} WHERE unit_id = %s AND seq BETWEEN %s AND %s ORDER BY seq").format(
+                table
+            ),
+            (unit_id, lo, hi),
+        )
+        present = [int(r[0]) for r in await cur.fetchall()]
+        missing: list[tuple[int, int]] = []
+        start = lo
+        for seq in present:
+            if seq > start:
+                missing.append((start, seq - 1))
+            start = seq + 1
+        if start <= hi:
+            missing.append((start, hi))
+        return missing
 
     async def close(self) -> None:
-        """Close both sessions (idempotent)."""
+        """Close every session (idempotent)."""
         await self._writer.close()
         await self._reader.close()
+        await self._scanner.close()

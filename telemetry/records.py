@@ -42,12 +42,16 @@ class WriteResult:
     """What one ``Store.write`` call did, counted in messages (not rows) per stream.
 
     ``duplicates`` are messages whose (unit, stream, seq) key was already stored (a QoS 1 redelivery or a replay);
-    ``ignored`` are messages with nothing to store (video, a vitals set with no measured value).
+    ``ignored`` are messages with nothing to store (video, a vitals set with no measured value);
+    ``expired`` are messages older than their stream's retention and ``future`` messages too far ahead of the
+    store's clock to be filed (a device clock gone wrong, FF-07): both are refused, counted, never an error.
     """
 
     inserted: Counter[Stream] = field(default_factory=Counter)
     duplicates: Counter[Stream] = field(default_factory=Counter)
     ignored: Counter[Stream] = field(default_factory=Counter)
+    expired: Counter[Stream] = field(default_factory=Counter)
+    future: Counter[Stream] = field(default_factory=Counter)
 
     @property
     def total_inserted(self) -> int:
@@ -64,6 +68,8 @@ class WriteResult:
         self.inserted.update(other.inserted)
         self.duplicates.update(other.duplicates)
         self.ignored.update(other.ignored)
+        self.expired.update(other.expired)
+        self.future.update(other.future)
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,12 +290,15 @@ def model_sent_at(model: BaseModel) -> datetime:
 
 
 def group_rows(
-    batch: Sequence[tuple[ParsedTopic, BaseModel, datetime]],
+    batch: Sequence[tuple[ParsedTopic, BaseModel, datetime] | tuple[ParsedTopic, BaseModel, datetime, bytes | None]],
 ) -> tuple[dict[Stream, list[list[Row]]], dict[Stream, int]]:
-    """Split a batch into per-stream lists of messages (each a list of rows), plus per-stream ignored counts."""
+    """Split a batch into per-stream lists of messages (each a list of rows), plus per-stream ignored counts.
+
+    Items may carry a fourth element (the payload bytes); it is not used here."""
     grouped: dict[Stream, list[list[Row]]] = {}
     ignored: dict[Stream, int] = {}
-    for parsed, model, received_at in batch:
+    for item in batch:
+        parsed, model, received_at = item[0], item[1], item[2]
         mapped = rows_for(parsed, model, received_at)
         if mapped is None or not mapped[1]:
             ignored[parsed.stream] = ignored.get(parsed.stream, 0) + 1

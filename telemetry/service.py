@@ -65,6 +65,7 @@ async def run_ingest(
             batch_age_s=options.batch_age_s,
             queue_max=options.queue_max,
             write_timeout_s=options.write_timeout_s,
+            share_group=options.share_group,
         )
         if on_ingest is not None:
             on_ingest(ingest)

@@ -25,6 +25,9 @@ class TelemetrySettings(BaseSettings):
     batch_age_s: Annotated[float, Field(gt=0, le=10)] = 0.25
     queue_max: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
     write_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    share_group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] | None = None
+    """Run as one of several workers on the MQTT shared subscription ``$share/{group}/`` (each worker needs its own
+    ``client_id``); gaps are then found by a store-side scan (PostgreSQL)."""
 
     @field_validator("database_url")
     @classmethod

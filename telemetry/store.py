@@ -24,10 +24,14 @@ from broker_config import ParsedTopic, Stream
 from telemetry.errors import UnsupportedStoreError
 from telemetry.records import EcgWindow, GapInfo, GpsPoint, IngestState, LatestVitals, VitalsBin, WriteResult
 
-__all__ = ["Batch", "Store", "StoredChunk", "assemble_window", "concat_adc", "open_store"]
+__all__ = ["Batch", "BatchItem", "Store", "StoredChunk", "assemble_window", "concat_adc", "open_store"]
 
-Batch = Sequence[tuple[ParsedTopic, BaseModel, datetime]]
-"""Decoded messages with their receive time (timezone-aware UTC)."""
+BatchItem = tuple[ParsedTopic, BaseModel, datetime] | tuple[ParsedTopic, BaseModel, datetime, bytes | None]
+"""A decoded message with its receive time (timezone-aware UTC) and, optionally, the payload bytes it was decoded
+from (the PostgreSQL store keeps an ECG chunk's already compressed GHE1 bytes instead of compressing again)."""
+
+Batch = Sequence[BatchItem]
+"""Decoded messages to store in one transaction."""
 
 ECG_LOOKBACK_MARGIN_S = 300.0
 """How far before a window's start to look for a chunk that may still reach into it (longest chunk assumed)."""

@@ -47,7 +47,8 @@ with warnings.catch_warnings():
 pytestmark = pytest.mark.integration
 
 DATA = Path(__file__).resolve().parents[2] / "simulators" / "data"
-T0 = datetime(2024, 3, 14, 9, 30, tzinfo=UTC)
+T0 = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
+"""Recent enough for every stream's retention (raw ECG is kept 30 days): older data is refused by design."""
 U = "amb12"
 WAIT_S = 20.0
 
@@ -289,7 +290,7 @@ async def test_ff12_session_time_zone_is_utc_even_when_the_server_zone_is_unknow
     store = open_store(pg_url)
     try:
         await store.migrate()
-        at = datetime(2024, 3, 14, 23, 59, 59, 999_999, tzinfo=UTC)
+        at = (T0 - timedelta(days=1)).replace(hour=23, minute=59, second=59, microsecond=999_999)
         fix = GpsFix(unit_id=U, seq=0, sent_at=at, fix=False, device_time=at)
         await store.write([(ParsedTopic(Scope.UNIT, U, Stream.GPS), fix, at)])
         (point,) = await store.gps_track(U, at)

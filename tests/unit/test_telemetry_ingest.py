@@ -50,7 +50,7 @@ class FlakyStore:
         if self.fail_times:
             self.fail_times -= 1
             raise StoreUnavailableError("injected outage")
-        if any(p.stream is Stream.VITALS and m.seq in self.refuse_seqs for p, m, _ in batch):
+        if any(p.stream is Stream.VITALS and m.seq in self.refuse_seqs for p, m, *_ in batch):
             raise WriteError("injected refusal", "23514")
         return await self.inner.write(batch)
 
