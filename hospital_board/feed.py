@@ -10,11 +10,17 @@ Why this shape (field failures FF-13 and FF-14):
   reaches it anyway.
 * A board whose queue overflows, whose oldest waiting event is older than ``max_lag_s``, or whose socket write
   does not complete within ``send_timeout_s`` is disconnected.
-* Each connection has a reader alongside its sender (a completed receive = the board went away) and a heartbeat
-  comment every ``heartbeat_s``, so a vanished board leaves the registry within a heartbeat (FF-13).
+* Each connection has a reader alongside its sender (a completed receive = the board went away) and, when idle,
+  a heartbeat every ``heartbeat_s`` (a comment plus a ``tick`` event carrying the server's time, so the page
+  itself can tell a silent link from a quiet one), so a vanished board leaves the registry within a heartbeat
+  (FF-13).
+* A feed is either a hospital's big-screen board (every inbound unit, first ECG lead) or one patient's detail
+  view (``unit_id`` set: that unit only, every ECG lead, trends, trail, timeline); see
+  :data:`hospital_board.schemas.DETAIL_ONLY_KINDS` and :data:`~hospital_board.schemas.BOARD_ONLY_KINDS`.
 
-Wire format (the W3C/WHATWG "Server-sent events" stream): on connect ``retry: 2000`` and one ``snapshot`` event,
-then events named after :class:`hospital_board.state.EventKind` whose ``data`` is one line of JSON.
+Wire format (the W3C/WHATWG "Server-sent events" stream): on connect ``retry: 2000`` and one ``snapshot`` (board)
+or ``detail`` (patient) event, then events named after :class:`hospital_board.schemas.EventKind` whose ``data`` is
+one line of JSON.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from hospital_board.state import BoardEvent, EventKind
+from hospital_board.schemas import BOARD_ONLY_KINDS, DETAIL_ONLY_KINDS, EventKind, TickEvent
+from hospital_board.state import BoardEvent
 
 __all__ = ["ClientFeed", "FeedHub", "SseResponse", "sse_frame"]
 
@@ -58,6 +66,7 @@ class ClientFeed:
 
     Args:
         hospital_id: whose data this board may receive.
+        unit_id: a patient-detail feed of this unit only (None: the hospital's whole board).
         max_items: queue bound in events; one more and the board is disconnected.
         max_lag_s: the oldest waiting event may be at most this old (monotonic seconds), else disconnect.
         clock: monotonic clock in seconds (injectable for tests).
@@ -70,10 +79,12 @@ class ClientFeed:
         max_items: int,
         max_lag_s: float,
         clock: Callable[[], float] = time.monotonic,
+        unit_id: str | None = None,
     ) -> None:
         if max_items < 1 or max_lag_s <= 0:
             raise ValueError("max_items must be >= 1 and max_lag_s > 0")
         self.hospital_id = hospital_id
+        self.unit_id = unit_id
         self.max_items = max_items
         self.max_lag_s = max_lag_s
         self._clock = clock
@@ -91,6 +102,12 @@ class ClientFeed:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def wants(self, event: BoardEvent) -> bool:
+        """Whether this feed receives ``event`` (its hospital is checked by the hub)."""
+        if self.unit_id is None:
+            return event.kind not in DETAIL_ONLY_KINDS
+        return event.unit_id == self.unit_id and event.kind not in BOARD_ONLY_KINDS
 
     def lag_s(self) -> float:
         """Age of the oldest waiting event in seconds (0 when nothing waits)."""
@@ -175,12 +192,19 @@ class FeedHub:
         self._changed = asyncio.Event()
         self.disconnects: Counter[str] = Counter()
 
-    def connect(self, hospital_id: str) -> ClientFeed:
-        """Register a new board for ``hospital_id``."""
-        client = ClientFeed(hospital_id, max_items=self.max_items, max_lag_s=self.max_lag_s, clock=self._clock)
+    def connect(self, hospital_id: str, unit_id: str | None = None) -> ClientFeed:
+        """Register a new board for ``hospital_id`` (or a detail view of one of its inbound units)."""
+        client = ClientFeed(
+            hospital_id, max_items=self.max_items, max_lag_s=self.max_lag_s, clock=self._clock, unit_id=unit_id
+        )
         self._clients.setdefault(hospital_id, set()).add(client)
         self._notify()
-        logger.info("board connected hospital=%s boards=%d", hospital_id, self.count(hospital_id))
+        logger.info(
+            "board connected hospital=%s view=%s boards=%d",
+            hospital_id,
+            "detail" if unit_id else "board",
+            self.count(hospital_id),
+        )
         return client
 
     def disconnect(self, client: ClientFeed, reason: str = "client gone") -> None:
@@ -223,6 +247,8 @@ class FeedHub:
             frame: bytes | None = None
             for hospital_id in event.hospital_ids:
                 for client in list(self._clients.get(hospital_id, ())):
+                    if not client.wants(event):
+                        continue
                     if frame is None:
                         frame = sse_frame(event.kind, event.payload)
                     if not client.offer(event.kind, event.unit_id, frame, coalesce=event.coalesced):
@@ -254,6 +280,7 @@ class SseResponse(Response):
         *,
         heartbeat_s: float,
         send_timeout_s: float,
+        server_clock: Callable[[], datetime] | None = None,
         background: BackgroundTask | None = None,
     ) -> None:
         super().__init__(
@@ -269,6 +296,7 @@ class SseResponse(Response):
         self.first_frame = first_frame
         self.heartbeat_s = heartbeat_s
         self.send_timeout_s = send_timeout_s
+        self.server_clock = server_clock or (lambda: datetime.now(UTC))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry: stream until the board goes, falls behind, or the server shuts down."""
@@ -314,7 +342,7 @@ class SseResponse(Response):
         client = self.client
         while not client.closed:
             if not await client.wait(self.heartbeat_s):
-                chunk = b": heartbeat\n\n"
+                chunk = b": heartbeat\n" + sse_frame(EventKind.TICK, TickEvent(server_time=self.server_clock()))
             else:
                 chunk = client.take()
                 if not chunk:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AnyHttpUrl, Field, field_validator
@@ -10,7 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from broker_config import BrokerSettings
 from broker_config.topics import ID_PATTERN
 
-__all__ = ["BoardSettings"]
+__all__ = ["DEFAULT_MAP_PBF", "BoardSettings"]
+
+DEFAULT_MAP_PBF = Path(__file__).resolve().parent.parent / "dispatch" / "data" / "monaco.osm.pbf"
+"""The OSM extract shipped with the project (read as a data file; the board never imports dispatch)."""
 
 
 class BoardSettings(BaseSettings):
@@ -30,13 +34,32 @@ class BoardSettings(BaseSettings):
     stale_after_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     nibp_stale_after_s: Annotated[float, Field(gt=0, le=3_600)] = 300.0
     """A cuff blood pressure is cycled every few minutes, not streamed, so it has its own staleness limit."""
+    gps_stale_after_s: Annotated[float, Field(gt=0, le=3_600)] = 30.0
+    """A position older than this is shown greyed with its age (GPS reports every 1-5 s)."""
     ecg_window_s: Annotated[float, Field(gt=0, le=30)] = 10.0
-    """How much of the first ECG lead each unit keeps for the strip (and a new board's snapshot)."""
+    """How much ECG (every lead) each unit keeps for the strips (and a new board's snapshot)."""
+    ecg_lost_after_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """No new ECG sample for this long: the strip says SIGNAL LOST."""
+    trend_step_s: Annotated[float, Field(ge=0.5, le=60)] = 2.0
+    """Vitals trend resolution: at most one trend point per unit per step."""
+    trend_max_points: Annotated[int, Field(ge=60, le=100_000)] = 7_200
+    """Trend points kept per unit (7,200 at 2 s = 4 h since first contact)."""
+    sweep_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+    """How often the server re-checks ages, so a value turns stale on every board within this of its limit."""
     dispatch_url: AnyHttpUrl | None = None
-    """Dispatch's HTTP API, used only for hospital names (``GET {dispatch_url}/api/hospitals/{id}``)."""
+    """Dispatch's HTTP API: hospital names and positions (``GET /api/hospitals``), the open alerts to resync
+    after a restart or reconnect (``GET /api/alerts``, ``GET /api/alerts/{id}``), road routes (``GET /api/route``)."""
     dispatch_timeout_s: Annotated[float, Field(gt=0, le=30)] = 2.0
+    resync_retry_min_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    resync_retry_max_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """A failed resync from dispatch is retried with capped, jittered back-off between these bounds."""
+    resync_max_age_s: Annotated[float, Field(gt=0)] = 6 * 3_600.0
+    """Alerts older than this are not resynced (a unit carries one patient; older alerts are history)."""
+    map_pbf: Path | None = DEFAULT_MAP_PBF
+    """OSM extract for the route map (``GET /api/map/roads``); None or a missing file disables the map."""
     heartbeat_s: Annotated[float, Field(gt=0, le=30)] = 2.0
-    """SSE comment interval: keeps proxies open and lets a send to a dead client fail (FF-13)."""
+    """Idle feed interval: a ``tick`` event carrying server time (keeps proxies open, lets a send to a dead client
+    fail (FF-13), and lets the page notice a silent link)."""
     client_queue_items: Annotated[int, Field(ge=16, le=100_000)] = 2_000
     """Per-board outbound bound; beyond it the board is disconnected and resyncs (FF-14)."""
     client_max_lag_s: Annotated[float, Field(gt=0, le=120)] = 10.0

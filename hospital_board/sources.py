@@ -1,4 +1,4 @@
-"""Adapters feeding the board: the MQTT subscription (with its error boundary) and dispatch's hospital names.
+"""Adapters feeding the board: the MQTT subscription (with its error boundary) and the resync from dispatch.
 
 MQTT path (FF-01): the link's message callback only parses the topic and enqueues the raw bytes on a bounded
 queue, returning at once; one worker task decodes (:func:`broker_config.decode`), applies the model to the
@@ -9,6 +9,11 @@ never payload contents; the loop goes on.
 Alerts, acknowledgements, availability and status travel on a separate control queue that is drained first and
 never dropped (a full one makes the callback wait, bounded, so QoS 1 back-pressure reaches the broker);
 telemetry (vitals, ECG, GPS) is dropped and counted when its queue is full, because a newer sample follows.
+
+Resync (:class:`AlertResync`): alerts are not retained on the broker, so a board that restarts (or whose broker
+session was lost) would forget open alerts.  At start-up and after every MQTT (re)connect, a separate task asks
+dispatch for the open alerts (bounded timeout), applies them (live messages always win), and on failure logs and
+retries with capped, jittered back-off, never touching the MQTT receive loop.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import aiomqtt
-import httpx
 
 from broker_config import (
     STREAMS,
@@ -32,6 +36,7 @@ from broker_config import (
     Availability,
     Department,
     EcgChunk,
+    GapRecord,
     GpsFix,
     HospitalAlert,
     ParsedTopic,
@@ -45,11 +50,12 @@ from broker_config import (
     encode,
     utc_now,
 )
-from broker_config.connection import MqttLink, NotConnectedError
+from broker_config.connection import Backoff, MqttLink, NotConnectedError
+from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, HospitalDirectory
 from hospital_board.feed import FeedHub
 from hospital_board.state import BoardError, BoardEvent, BoardState
 
-__all__ = ["BOARD_STREAMS", "AckSequence", "BoardIngest", "HospitalDirectory"]
+__all__ = ["BOARD_STREAMS", "AckSequence", "AlertResync", "BoardIngest", "HospitalDirectory"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +67,11 @@ BOARD_STREAMS: tuple[Stream, ...] = (
     Stream.VITALS,
     Stream.ECG,
     Stream.GPS,
+    Stream.GAP,
 )
 """Streams the board subscribes to, for every hospital and every unit."""
 
-_CONTROL = frozenset({Stream.ALERT, Stream.ACK, Stream.AVAILABILITY, Stream.STATUS})
+_CONTROL = frozenset({Stream.ALERT, Stream.ACK, Stream.AVAILABILITY, Stream.STATUS, Stream.GAP})
 _LOG_FIRST_N = 10
 _LOG_EVERY_N = 1_000
 _RECEIPT_ATTEMPTS = 5
@@ -129,6 +136,8 @@ class BoardIngest:
         self.rejects: Counter[str] = Counter()
         self.accepted: Counter[str] = Counter()
         self.receipts_sent = 0
+        self.on_session: Callable[[], None] | None = None
+        """Called after every (re)subscription: the resync's trigger."""
 
     # --- MQTT callbacks (fast) -------------------------------------------------------------------------------
 
@@ -136,6 +145,8 @@ class BoardIngest:
         """Subscribe to every hospital's alert/ack stream and every unit's availability/status/vitals/ecg/gps."""
         await client.subscribe([(self.space.filter(s), STREAMS[s].qos) for s in BOARD_STREAMS])
         logger.info("board subscribed streams=%d", len(BOARD_STREAMS))
+        if self.on_session is not None:
+            self.on_session()
 
     async def on_message(self, message: aiomqtt.Message) -> None:
         """Enqueue only (FF-01).  Waits (bounded) only when the control queue is full."""
@@ -236,7 +247,28 @@ class BoardIngest:
             return state.apply_status(model, now_at)
         if isinstance(model, AlertAck):
             return state.apply_ack(model, now_at)
+        if isinstance(model, GapRecord):
+            return state.apply_gap(model, now_at)
         return []
+
+    def apply_resync(self, alerts: list[HospitalAlert]) -> int:
+        """Apply alerts rebuilt from dispatch (never raises); returns how many the board did not know."""
+        added = 0
+        for alert in alerts:
+            try:
+                events, needs_receipt = self.state.apply_resync(alert, self.clock())
+            except BoardError as exc:
+                self.rejects[f"resync {type(exc).__name__}"] += 1
+                continue
+            if events:
+                added += 1
+            self.hub.publish(events)
+            if needs_receipt:
+                try:
+                    self._receipts.put_nowait(alert)
+                except asyncio.QueueFull:
+                    self.rejects["receipt queue full"] += 1
+        return added
 
     def reject(self, topic: str, owner_id: str | None, size_bytes: int, reason: str) -> None:
         """Count and log one dropped message: identifiers and sizes only, never contents."""
@@ -316,48 +348,64 @@ class BoardIngest:
                 self.rejects["receipt not confirmed"] += 1
 
 
-class HospitalDirectory:
-    """Hospital display names from dispatch (``GET {dispatch_url}/api/hospitals/{id}`` -> JSON with ``name``).
+class AlertResync:
+    """Re-reads open alerts from dispatch at start-up and after each MQTT (re)connect.
 
-    Any failure (no URL, timeout, non-200, no name) gives the id itself; answers are cached, failures for
-    ``retry_after_s``.  Every call is bounded by ``timeout_s``.
+    Attributes:
+        runs_ok: successful resyncs.  failures: failed attempts.  alerts_added: alerts the board did not know.
+        done: set after each successful resync (tests wait on it); cleared by :meth:`trigger`.
     """
 
     def __init__(
         self,
-        client: httpx.AsyncClient | None,
-        base_url: str | None,
+        dispatch: DispatchClient,
+        ingest: BoardIngest,
         *,
-        timeout_s: float = 2.0,
-        retry_after_s: float = 60,
+        max_age_s: float,
+        retry_min_s: float = 1.0,
+        retry_max_s: float = 30.0,
     ) -> None:
-        self._client = client
-        self._base_url = base_url.rstrip("/") if base_url else None
-        self._timeout_s = timeout_s
-        self._retry_after_s = retry_after_s
-        self._names: dict[str, str] = {}
-        self._failed_at: dict[str, float] = {}
+        self.dispatch = dispatch
+        self.ingest = ingest
+        self.max_age_s = max_age_s
+        self.backoff = Backoff(retry_min_s, max(retry_min_s, retry_max_s))
+        self._floor_s = retry_min_s / 2  # full jitter may draw ~0: never retry in a hot loop
+        self._wanted = asyncio.Event()
+        self.done = asyncio.Event()
+        self.runs_ok = 0
+        self.failures = 0
+        self.alerts_added = 0
 
-    async def name(self, hospital_id: str) -> str:
-        """The hospital's display name, or its id when dispatch cannot tell."""
-        if hospital_id in self._names:
-            return self._names[hospital_id]
-        if self._client is None or self._base_url is None:
-            return hospital_id
-        failed = self._failed_at.get(hospital_id)
-        if failed is not None and time.monotonic() - failed < self._retry_after_s:
-            return hospital_id
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._client.get(f"{self._base_url}/api/hospitals/{hospital_id}")
-            response.raise_for_status()
-            data = response.json()
-            name = data.get("name") if isinstance(data, dict) else None
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError("no name")
-        except (httpx.HTTPError, TimeoutError, ValueError) as exc:
-            self._failed_at[hospital_id] = time.monotonic()
-            logger.info("hospital name unavailable hospital=%s reason=%s", hospital_id, type(exc).__name__)
-            return hospital_id
-        self._names[hospital_id] = name.strip()[:200]
-        return self._names[hospital_id]
+    def trigger(self) -> None:
+        """Ask for a resync (cheap, callable from the MQTT connect callback)."""
+        self.done.clear()
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Resync whenever triggered; retry failures with back-off until one succeeds.  Returns when cancelled."""
+        if not self.dispatch.configured:
+            return
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            while True:
+                try:
+                    alerts = await self.dispatch.open_alerts(self.ingest.clock(), self.max_age_s)
+                except DispatchUnavailableError as exc:
+                    self.failures += 1
+                    delay = max(self._floor_s, self.backoff.next_delay_s())
+                    logger.warning("alert resync from dispatch failed reason=%s retry_in_s=%.1f", exc.reason, delay)
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self._wanted.wait()  # a new trigger retries at once
+                        self._wanted.clear()
+                    except TimeoutError:
+                        pass
+                    continue
+                self.backoff.reset()
+                added = self.ingest.apply_resync(alerts)
+                self.alerts_added += added
+                self.runs_ok += 1
+                logger.info("alert resync done listed=%d added=%d", len(alerts), added)
+                self.done.set()
+                break

@@ -1,65 +1,60 @@
-// GoldenHour ED board page.
-// Live feed: EventSource on /api/events (auto-reconnect; every (re)connect starts with a full snapshot).
-// All text from crews, units or hospitals goes through textContent, never through an HTML parser (FF-16).
-// ECG strip at clinical scale: 25 mm/s, 10 mm/mV, 1 mm / 5 mm grid, 1 mV calibration pulse.
+// GoldenHour ED big-screen board.
+// Live feed: EventSource on /api/events (auto-reconnect + watchdog; every (re)connect starts with a full snapshot).
+// Alerts announce themselves by priority in the manner of IEC 60601-1-8: high = red, flashing 2 Hz, 10-pulse tone
+// burst every 10 s; medium = yellow, flashing 0.5 Hz, 3-pulse burst every 25 s; low = cyan, steady, 2 pulses once.
+// "Silence" pauses the tones for 2 min without acknowledging (visible countdown); visual signals keep going until
+// acknowledgement; a new alert or a new escalation sounds again at once.
+// All text from crews, units or hospitals goes through textContent (FF-16).
 "use strict";
 
 (function () {
+  const G = window.GH;
   const HOSPITAL = document.body.dataset.hospital;
-  const PRIO_RANK = { high: 0, medium: 1, low: 2 };
-  const PRIO_TEXT = { high: "HIGH !!!", medium: "MEDIUM !!", low: "LOW !" };
-  const CASE_TEXT = { stemi: "STEMI", stroke: "Stroke", trauma: "Trauma", medical: "Medical" };
-  const DEPT_TEXT = {
-    ed: "ED", cath_lab: "Cath lab", stroke_team: "Stroke team", ct: "CT", trauma_team: "Trauma team",
-    resus_room: "Resus room",
-  };
-  const STATUS_TEXT = {
-    available: "Available", assigned: "Assigned", en_route: "En route", on_scene: "On scene",
-    patient_contact: "With patient", transporting: "Transporting", at_hospital: "At hospital",
-    handed_over: "Handed over", back_in_service: "Back in service",
-  };
-  const MM_PER_S = 25;
-  const MM_PER_MV = 10;
-  const CSS_PX_PER_MM = 96 / 25.4;
+  const params = new URLSearchParams(location.search);
+  const BENCH = params.get("bench") === "1";
+  const SILENCE_MS = 120000;
+  const DRAW_EVERY_MS = 33; // ECG strips redrawn at up to 30 frames/s (25 mm/s = ~3 px per frame at 96 dpi)
+
+  if (params.get("layout") === "wall") document.body.classList.add("layout-wall");
 
   const cardsEl = document.getElementById("cards");
   const emptyEl = document.getElementById("empty");
+  const moreEl = document.getElementById("more");
   const linkEl = document.getElementById("link");
   const clockEl = document.getElementById("clock");
   const countEl = document.getElementById("count");
+  const soundBtn = document.getElementById("sound");
+  const silenceBtn = document.getElementById("silence");
   const template = document.getElementById("card-template");
 
-  let staleAfterS = 10;
-  let nibpStaleAfterS = 300;
-  let ecgWindowS = 10;
-  let offsetMs = 0; // server clock - local clock
-  const units = new Map(); // unit_id -> {data, el, ecg: [{t0, fs, mv, leadOff, lead}], playT, headT, headLocal}
+  let limits = { stale: 10, nibp: 300, gps: 30, ecgWindow: 10 };
+  const units = new Map(); // unit_id -> {data, el, strip, t (server_time of the card), visible}
+  const alarm = G.makeAlarm();
+  const silencedUntil = new Map(); // sound key -> performance.now() deadline
+  const sounded = new Set(); // sound keys that have sounded at least once
+  let nextBurstPerf = 0;
+  const bench = { vitals: [], alerts: [], frames: 0, stripDraws: 0, seenAlerts: new Set() };
+  if (BENCH) window.__ghBench = bench;
+  window.__ghBoard = { units: units, silencedUntil: silencedUntil, alarm: alarm };
 
-  const serverNow = () => Date.now() + offsetMs;
-  const parseT = (iso) => (iso ? Date.parse(iso) : null);
-  const setText = (el, text) => { if (el.textContent !== text) el.textContent = text; };
-
-  function fmtAge(ms) {
-    const s = Math.max(0, Math.round(ms / 1000));
-    if (s < 60) return s + " s ago";
-    if (s < 3600) return Math.floor(s / 60) + " min ago";
-    return Math.floor(s / 3600) + " h ago";
-  }
-
-  function ageBand(age) {
-    if (age === null || age === undefined) return "age ?";
-    if (age < 1) return "<1 y";
-    if (age < 18) return "child " + age + " y";
-    const lo = Math.floor(age / 10) * 10;
-    return lo + "-" + (lo + 9) + " y";
-  }
+  const observer = new IntersectionObserver((entries) => {
+    entries.forEach((e) => { const u = units.get(e.target.dataset.unit); if (u) u.visible = e.isIntersecting; });
+  });
 
   function primaryAlert(u) { return u.data.alerts.length ? u.data.alerts[0] : null; }
+
+  function needsAttention(a) { return a && a.state !== "acknowledged" && a.state !== "cancelled"; }
+
+  // A key that changes when the alert needs attention anew: a new alert, or a new escalation step.
+  function soundKey(a) {
+    const esc = (a.activations || []).filter((x) => x.state === "escalated").map((x) => x.department + ":" + x.level);
+    return a.alert_id + "|" + esc.sort().join(",");
+  }
 
   function sortKey(u) {
     const a = primaryAlert(u);
     if (!a) return [9, Infinity, u.data.unit_id];
-    return [PRIO_RANK[a.priority], a.eta_at ? parseT(a.eta_at) : Infinity, u.data.unit_id];
+    return [G.PRIO_RANK[a.priority], a.eta_at ? G.parseT(a.eta_at) : Infinity, u.data.unit_id];
   }
 
   function compare(x, y) {
@@ -72,34 +67,40 @@
     const list = Array.from(units.values()).sort(compare);
     list.forEach((u, i) => { if (cardsEl.children[i] !== u.el) cardsEl.insertBefore(u.el, cardsEl.children[i] || null); });
     emptyEl.classList.toggle("hidden", list.length > 0);
-    setText(countEl, list.length + " inbound");
+    cardsEl.classList.toggle("dense", list.length > 2);
+    G.setText(countEl, list.length + " inbound");
   }
 
-  // --- card rendering (textContent only) ------------------------------------------------------------------
+  // --- cards (textContent only) ----------------------------------------------------------------------------
 
   function ensureUnit(card) {
     let u = units.get(card.unit_id);
     if (!u) {
       const el = template.content.firstElementChild.cloneNode(true);
       el.dataset.unit = card.unit_id;
-      u = { data: card, el: el, ecg: [], playT: null, headT: null, headLocal: 0, flashFor: null };
-      el.querySelector("button.ack").addEventListener("click", () => acknowledge(u));
+      u = { data: card, el: el, strip: G.newStrip(), t: null, visible: true };
+      el.querySelector(".foot button.ack").addEventListener("click", (ev) => { ev.stopPropagation(); acknowledge(u, null); });
+      const details = el.querySelector("a.details");
+      details.href = "/unit/" + encodeURIComponent(card.unit_id) + "?hospital=" + encodeURIComponent(HOSPITAL);
+      details.addEventListener("click", (ev) => ev.stopPropagation());
+      el.addEventListener("click", () => { location.href = details.href; });
       units.set(card.unit_id, u);
       cardsEl.appendChild(el);
+      observer.observe(el);
     }
     return u;
   }
 
-  function setCard(card) {
+  function setCard(card, serverTime) {
     const u = ensureUnit(card);
     u.data = card;
-    u.ecg = [];
-    u.playT = null;
-    card.ecg.forEach((seg) => addSegment(u, seg));
+    u.t = serverTime;
+    u.strip = G.newStrip();
+    card.ecg.forEach((seg) => G.addSegment(u.strip, seg, limits.ecgWindow));
     renderAlert(u);
     renderUnitState(u);
     renderVitals(u);
-    renderPosition(u);
+    renderPosition(u, serverTime);
   }
 
   function renderAlert(u) {
@@ -109,112 +110,91 @@
     if (!a) return;
     el.classList.add("prio-" + a.priority);
     el.dataset.alert = a.alert_id;
-    setText(el.querySelector(".prio-text"), PRIO_TEXT[a.priority] || a.priority);
-    setText(el.querySelector(".case-type"), CASE_TEXT[a.case_type] || a.case_type);
-    setText(el.querySelector(".unit-id"), "Unit " + a.unit_id);
-    setText(el.querySelector(".patient"), ageBand(a.age_years) + ", " + a.sex);
-    setText(el.querySelector(".note"), a.note || "");
+    el.dataset.state = a.state;
+    G.setText(el.querySelector(".prio-text"), G.PRIO_TEXT[a.priority] || a.priority);
+    G.setText(el.querySelector(".case-type"), G.CASE_TEXT[a.case_type] || a.case_type);
+    G.setText(el.querySelector(".unit-id"), "Unit " + a.unit_id);
+    G.setText(el.querySelector(".patient"), G.ageBand(a.age_years) + ", " + a.sex);
+    G.setText(el.querySelector(".note"), a.note || "");
+    const delayed = el.querySelector(".delayed");
+    const sent = G.parseT(a.sent_at);
+    delayed.classList.toggle("hidden", !a.historical && !a.resynced);
+    G.setText(delayed, a.historical ? "DELAYED - sent " + G.fmtClock(sent) : a.resynced ? "RESYNCED" : "");
 
     const chips = el.querySelector(".chips");
     chips.replaceChildren();
-    const addChip = (text, cls) => {
-      const c = document.createElement("span");
-      c.className = "chip" + (cls ? " " + cls : "");
-      c.textContent = text;
-      chips.appendChild(c);
-    };
-    a.departments.forEach((d) => addChip(DEPT_TEXT[d] || d));
+    const addChip = (text, cls) => chips.appendChild(G.el("span", "chip" + (cls ? " " + cls : ""), text));
+    if (!(a.activations && a.activations.length)) a.departments.forEach((d) => addChip(G.DEPT_TEXT[d] || d));
     if (a.ecg_st_elevation) addChip("ST elevation", "finding");
     if (a.be_fast_positive) addChip("BE-FAST positive", "finding");
     if (a.lams !== null && a.lams !== undefined) addChip("LAMS " + a.lams, "finding");
     if (a.gcs_total !== null && a.gcs_total !== undefined) addChip("GCS " + a.gcs_total, "finding");
     a.trauma_red_criteria.forEach((t) => addChip(t, "finding"));
-    if (a.historical) addChip("REPLAYED (historical)");
 
     const reasons = el.querySelector(".reasons");
     reasons.replaceChildren();
-    a.reasons.forEach((r) => { const li = document.createElement("li"); li.textContent = r; reasons.appendChild(li); });
+    a.reasons.forEach((r) => reasons.appendChild(G.el("li", null, r)));
+
+    G.renderActivations(el.querySelector(".acts"), a, u.t, (dept, button) => acknowledge(u, dept, button));
 
     const acked = a.state === "acknowledged";
-    const button = el.querySelector("button.ack");
+    const button = el.querySelector(".foot button.ack");
     button.classList.toggle("hidden", acked);
     button.disabled = false;
+    G.setText(button, a.activations && a.activations.length > 1 ? "Acknowledge all" : "Acknowledge");
     const ackState = el.querySelector(".ack-state");
     ackState.classList.remove("error");
     ackState.classList.toggle("done", acked);
     if (acked) {
-      const at = a.acknowledged_at ? new Date(parseT(a.acknowledged_at)).toLocaleTimeString() : "";
-      setText(ackState, "ACKNOWLEDGED " + at + (a.acknowledged_by ? " by " + a.acknowledged_by : ""));
+      const at = G.parseT(a.acknowledged_at);
+      G.setText(ackState, "ACKNOWLEDGED " + (at ? G.fmtClock(at, true) : "") + (a.acknowledged_by ? " by " + a.acknowledged_by : ""));
     } else {
-      setText(ackState, a.state === "escalated" ? "ESCALATED - not yet acknowledged" : "Not acknowledged");
+      G.setText(ackState, a.state === "escalated" ? "ESCALATED - not yet acknowledged" : "Not acknowledged");
     }
-    // Flash only live, unacknowledged high / medium alerts; low priority is steady cyan.
-    if (!acked && !a.historical && (a.priority === "high" || a.priority === "medium")) {
-      el.classList.add("flash-" + a.priority);
-    }
+    // Visual alarm signal while it needs attention (historical too: a delayed pre-alert is shown, never silent).
+    if (needsAttention(a) && (a.priority === "high" || a.priority === "medium")) el.classList.add("flash-" + a.priority);
+    el.classList.toggle("escalated", a.state === "escalated");
+    updateSound(true);
   }
 
   function renderUnitState(u) {
     const d = u.data;
     const avail = u.el.querySelector(".availability");
     avail.classList.toggle("offline", d.availability === "offline");
-    setText(avail, d.availability === "offline" ? "OFFLINE - link lost" : d.availability === "online" ? "online" : "");
-    setText(u.el.querySelector(".crew-status"), d.crew_status ? STATUS_TEXT[d.crew_status] || d.crew_status : "");
-  }
-
-  function fmt(v, digits) { return v === null || v === undefined ? "--" : Number(v).toFixed(digits || 0); }
-
-  function setVital(u, name, valueText, measuredAt, limitS) {
-    const box = u.el.querySelector('.vital[data-vital="' + name + '"]');
-    const ageEl = box.querySelector(".v-age");
-    if (!measuredAt) {
-      box.classList.add("none");
-      box.classList.remove("stale");
-      setText(box.querySelector(".v-value"), "--");
-      setText(ageEl, "not measured");
-      return;
-    }
-    const ageMs = serverNow() - parseT(measuredAt);
-    const stale = ageMs > limitS * 1000 || u.data.availability === "offline";
-    box.classList.remove("none");
-    box.classList.toggle("stale", stale);
-    setText(box.querySelector(".v-value"), valueText);
-    setText(ageEl, (stale ? "STALE " : "") + fmtAge(ageMs));
+    G.setText(avail, d.availability === "offline" ? "OFFLINE - link lost" : d.availability === "online" ? "online" : "");
+    G.setText(u.el.querySelector(".crew-status"), d.crew_status ? G.STATUS_TEXT[d.crew_status] || d.crew_status : "");
   }
 
   function renderVitals(u) {
-    const v = u.data.vitals;
-    const r = (x) => (x ? [fmt(x.value), x.measured_at] : ["--", null]);
-    const hr = r(v.heart_rate_bpm);
-    setVital(u, "hr", hr[0], hr[1], staleAfterS);
-    const sp = r(v.spo2_pct);
-    setVital(u, "spo2", sp[0], sp[1], staleAfterS);
-    const rr = r(v.resp_rate_per_min);
-    setVital(u, "rr", rr[0], rr[1], staleAfterS);
-    if (v.nibp) {
-      setVital(u, "nibp", fmt(v.nibp.sbp_mmhg) + "/" + fmt(v.nibp.dbp_mmhg), v.nibp.measured_at, nibpStaleAfterS);
-    } else {
-      setVital(u, "nibp", "--", null, nibpStaleAfterS);
-    }
+    G.renderVitals(u.el, u.data.vitals, u.vitalsT || u.t, limits, u.data.availability === "offline");
   }
 
-  function renderPosition(u) {
+  function renderPosition(u, serverTime) {
     const p = u.data.position;
     const el = u.el.querySelector(".position");
-    el.classList.remove("none", "lost");
+    el.classList.remove("none", "lost", "stale");
+    u.posRef = null;
     if (!p.has_position) {
       el.classList.add("none");
-      setText(el, "NO POSITION");
+      G.setText(el, "NO POSITION");
       return;
     }
-    const where = Number(p.lat_deg).toFixed(4) + ", " + Number(p.lon_deg).toFixed(4);
-    const age = fmtAge(serverNow() - parseT(p.fix_at));
-    if (p.fix_lost) {
-      el.classList.add("lost");
-      setText(el, "GPS LOST - last known " + where + " (" + age + ")");
-    } else {
-      setText(el, "Position " + where + " (" + age + ")");
-    }
+    u.posRef = G.refOf(p.age_s, serverTime);
+    u.posText = Number(p.lat_deg).toFixed(4) + ", " + Number(p.lon_deg).toFixed(4);
+    u.posLost = p.fix_lost;
+    tickPosition(u);
+  }
+
+  function tickPosition(u) {
+    if (u.posRef === null || u.posRef === undefined) return;
+    const el = u.el.querySelector(".position");
+    const age = G.ageSince(u.posRef);
+    const stale = age !== null && age > limits.gps;
+    el.classList.toggle("lost", u.posLost);
+    el.classList.toggle("stale", stale && !u.posLost);
+    const ageText = G.fmtAge(age);
+    if (u.posLost) G.setText(el, "GPS LOST - last known " + u.posText + " (" + ageText + ")");
+    else G.setText(el, (stale ? "POSITION OLD " : "Position ") + u.posText + " (" + ageText + ")");
   }
 
   function renderEta(u) {
@@ -222,198 +202,189 @@
     const etaEl = u.el.querySelector(".eta");
     const valueEl = u.el.querySelector(".eta-value");
     const clockEl2 = u.el.querySelector(".eta-clock");
-    if (!a || !a.eta_at) { setText(valueEl, "unknown"); setText(clockEl2, ""); etaEl.classList.remove("due"); return; }
-    const etaMs = parseT(a.eta_at);
-    const left = Math.round((etaMs - serverNow()) / 1000);
+    const now = G.serverNow();
+    if (!a || !a.eta_at || now === null) { G.setText(valueEl, "unknown"); G.setText(clockEl2, ""); etaEl.classList.remove("due"); return; }
+    const etaMs = G.parseT(a.eta_at);
+    const left = Math.round((etaMs - now) / 1000);
     etaEl.classList.toggle("due", left <= 60);
-    if (left <= 0) {
-      setText(valueEl, left > -60 ? "ARRIVING" : "due " + Math.floor(-left / 60) + " min ago");
-    } else {
-      const m = Math.floor(left / 60), s = left % 60;
-      setText(valueEl, m + ":" + String(s).padStart(2, "0"));
-    }
-    setText(clockEl2, "(" + new Date(etaMs).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) + ")");
+    if (left <= 0) G.setText(valueEl, left > -60 ? "ARRIVING" : "due " + Math.floor(-left / 60) + " min ago");
+    else G.setText(valueEl, G.fmtCountdown(left));
+    G.setText(clockEl2, "(" + G.fmtClock(etaMs) + ")");
   }
 
-  // --- acknowledge ------------------------------------------------------------------------------------------
+  // --- acknowledge --------------------------------------------------------------------------------------------
 
-  async function acknowledge(u) {
+  async function acknowledge(u, department, deptButton) {
     const a = primaryAlert(u);
     if (!a) return;
-    const button = u.el.querySelector("button.ack");
+    const button = deptButton || u.el.querySelector(".foot button.ack");
     const state = u.el.querySelector(".ack-state");
     button.disabled = true;
-    setText(state, "Sending...");
-    const ctrl = new AbortController();
-    const timer = setTimeout(() => ctrl.abort(), 8000);
+    G.setText(state, "Sending...");
     try {
-      const res = await fetch("/api/alerts/" + encodeURIComponent(a.alert_id) + "/ack", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ hospital_id: HOSPITAL, by_role: "ed_staff" }),
-        signal: ctrl.signal,
-      });
-      if (!res.ok) throw new Error("HTTP " + res.status);
-      const alert = await res.json();
+      const alert = await G.postAck(HOSPITAL, a.alert_id, department, "ed_staff");
       u.data.alerts = u.data.alerts.map((x) => (x.alert_id === alert.alert_id ? alert : x));
       renderAlert(u);
     } catch (err) {
       button.disabled = false;
       state.classList.add("error");
-      setText(state, "NOT DELIVERED - press again (" + (err && err.message ? err.message : "error") + ")");
-    } finally {
-      clearTimeout(timer);
+      G.setText(state, "NOT DELIVERED - press again (" + (err && err.message ? err.message : "error") + ")");
     }
   }
 
-  // --- ECG ----------------------------------------------------------------------------------------------------
+  // --- sound and silence --------------------------------------------------------------------------------------
 
-  function addSegment(u, seg) {
-    const t0 = parseT(seg.start_at);
-    const s = { t0: t0, fs: seg.fs_hz, mv: seg.samples_mv, leadOff: seg.lead_off, lead: seg.lead };
-    s.t1 = t0 + (1000 * s.mv.length) / s.fs;
-    u.ecg.push(s);
-    const keepFrom = s.t1 - (ecgWindowS + 2) * 1000;
-    while (u.ecg.length > 1 && u.ecg[0].t1 < keepFrom) u.ecg.shift();
-    u.headT = Math.max(u.headT || 0, s.t1);
-    u.headLocal = performance.now();
-    u.lastChunkMs = s.t1 - s.t0;
+  function attentionAlerts() {
+    const out = [];
+    units.forEach((u) => u.data.alerts.forEach((a) => { if (needsAttention(a)) out.push(a); }));
+    return out;
   }
 
-  function drawEcg(u) {
-    const canvas = u.el.querySelector("canvas.ecg");
-    const dpr = window.devicePixelRatio || 1;
-    const cssW = canvas.clientWidth, cssH = canvas.clientHeight;
-    if (!cssW || !cssH) return;
-    if (canvas.width !== Math.round(cssW * dpr) || canvas.height !== Math.round(cssH * dpr)) {
-      canvas.width = Math.round(cssW * dpr);
-      canvas.height = Math.round(cssH * dpr);
+  function updateSound(fromChange) {
+    const now = performance.now();
+    silencedUntil.forEach((until, key) => { if (until <= now) silencedUntil.delete(key); });
+    const active = attentionAlerts().filter((a) => !silencedUntil.has(soundKey(a)));
+    const fresh = active.filter((a) => !sounded.has(soundKey(a)));
+    if (!active.length) { nextBurstPerf = 0; return; }
+    const top = active.reduce((best, a) => (G.PRIO_RANK[a.priority] < G.PRIO_RANK[best.priority] ? a : best));
+    const repeatS = alarm.bursts[top.priority].repeatS;
+    if (fresh.length || (repeatS !== null && now >= nextBurstPerf && !fromChange)) {
+      const loudest = (fresh.length ? fresh : active).reduce((b, a) => (G.PRIO_RANK[a.priority] < G.PRIO_RANK[b.priority] ? a : b));
+      alarm.burst(loudest.priority);
+      active.forEach((a) => sounded.add(soundKey(a)));
+      nextBurstPerf = now + (repeatS || 3600) * 1000;
     }
-    const pxmm = CSS_PX_PER_MM * dpr;
-    const ctx = canvas.getContext("2d");
-    const W = canvas.width, H = canvas.height;
-    ctx.fillStyle = "#050607";
-    ctx.fillRect(0, 0, W, H);
-    // grid: 1 mm minor, 5 mm major
-    for (let mm = 0, x = 0; x <= W; mm++, x = mm * pxmm) {
-      ctx.fillStyle = mm % 5 === 0 ? "#3a1c1c" : "#1d1010";
-      ctx.fillRect(Math.round(x), 0, 1, H);
-    }
-    for (let mm = 0, y = 0; y <= H; mm++, y = mm * pxmm) {
-      ctx.fillStyle = mm % 5 === 0 ? "#3a1c1c" : "#1d1010";
-      ctx.fillRect(0, Math.round(y), W, 1);
-    }
-    const baseY = H * 0.6;
-    const yOf = (mv) => baseY - mv * MM_PER_MV * pxmm;
-    // 1 mV calibration pulse, 200 ms wide
-    const calX = 2 * pxmm, calW = 0.2 * MM_PER_S * pxmm;
-    ctx.strokeStyle = "#9aa4b2";
-    ctx.lineWidth = 1.5 * dpr;
-    ctx.beginPath();
-    ctx.moveTo(0, baseY); ctx.lineTo(calX, baseY); ctx.lineTo(calX, yOf(1)); ctx.lineTo(calX + calW, yOf(1));
-    ctx.lineTo(calX + calW, baseY); ctx.lineTo(calX + calW + 2 * pxmm, baseY);
-    ctx.stroke();
-
-    const stateEl = u.el.querySelector(".ecg-state");
-    const label = u.el.querySelector(".ecg-label");
-    if (!u.ecg.length || u.headT === null) { setText(stateEl, "NO ECG"); setText(label, "25 mm/s  10 mm/mV"); return; }
-    const last = u.ecg[u.ecg.length - 1];
-    setText(label, "Lead " + last.lead + "  25 mm/s  10 mm/mV");
-    const stale = serverNow() - last.t1 > Math.max(5000, 3 * u.lastChunkMs) || u.data.availability === "offline";
-    setText(stateEl, last.leadOff ? "LEAD OFF" : stale ? "ECG SIGNAL LOST" : "");
-    // Playback clock: runs one chunk behind the newest sample so the strip scrolls smoothly.
-    const lag = (u.lastChunkMs || 1000) + 300;
-    let playT = u.headT - lag + (performance.now() - u.headLocal);
-    playT = Math.min(playT, u.headT);
-    if (u.playT !== null && playT < u.playT && u.playT <= u.headT) playT = u.playT;
-    u.playT = playT;
-    const x0 = calX + calW + 3 * pxmm;
-    const spanMs = ((W - x0) / pxmm / MM_PER_S) * 1000;
-    const tStart = playT - spanMs;
-    ctx.strokeStyle = "#39ff6a";
-    ctx.lineWidth = 2 * dpr;
-    ctx.beginPath();
-    let pen = false, prevT = null;
-    for (const s of u.ecg) {
-      if (s.t1 < tStart || s.t0 > playT) continue;
-      const dt = 1000 / s.fs;
-      if (prevT !== null && s.t0 - prevT > 2.5 * dt) pen = false; // a gap stays a gap
-      const i0 = Math.max(0, Math.floor((tStart - s.t0) / dt));
-      const i1 = Math.min(s.mv.length, Math.ceil((playT - s.t0) / dt));
-      for (let i = i0; i < i1; i++) {
-        const t = s.t0 + i * dt;
-        const x = x0 + ((t - tStart) / 1000) * MM_PER_S * pxmm;
-        const y = yOf(s.mv[i]);
-        if (pen) ctx.lineTo(x, y); else { ctx.moveTo(x, y); pen = true; }
-      }
-      prevT = s.t0 + (i1 - 1) * dt;
-    }
-    ctx.stroke();
   }
 
+  function silence() {
+    const now = performance.now();
+    if (silencedUntil.size) { silencedUntil.clear(); nextBurstPerf = 0; updateSound(false); renderSilence(); return; }
+    attentionAlerts().forEach((a) => silencedUntil.set(soundKey(a), now + SILENCE_MS));
+    renderSilence();
+  }
+
+  function renderSilence() {
+    const now = performance.now();
+    let maxLeft = 0;
+    silencedUntil.forEach((until) => { maxLeft = Math.max(maxLeft, until - now); });
+    silenceBtn.classList.toggle("paused", maxLeft > 0);
+    G.setText(silenceBtn, maxLeft > 0 ? "AUDIO PAUSED " + G.fmtCountdown(maxLeft / 1000) + " - resume" : "Silence 2 min");
+    units.forEach((u) => {
+      const badge = u.el.querySelector(".silenced");
+      const a = primaryAlert(u);
+      const until = a ? silencedUntil.get(soundKey(a)) : undefined;
+      const left = until ? until - now : 0;
+      badge.classList.toggle("hidden", !(left > 0 && needsAttention(a)));
+      G.setText(badge, left > 0 ? "SILENCED " + G.fmtCountdown(left / 1000) : "");
+    });
+    const running = alarm.running();
+    soundBtn.classList.toggle("hidden", running);
+  }
+
+  soundBtn.addEventListener("click", () => { alarm.enable().then(() => { sounded.clear(); updateSound(false); renderSilence(); }); });
+  silenceBtn.addEventListener("click", silence);
+
+  // --- ECG ------------------------------------------------------------------------------------------------------
+
+  const PXMM = G.pxPerMm();
   let lastDraw = 0;
   function frame(ts) {
-    if (ts - lastDraw > 33) {
+    if (ts - lastDraw >= DRAW_EVERY_MS) {
       lastDraw = ts;
-      units.forEach(drawEcg);
+      let drawn = 0;
+      units.forEach((u) => {
+        if (!u.visible) return;
+        const canvas = u.el.querySelector("canvas.ecg");
+        if (G.drawStrip(canvas, u.strip, 0, { pxPerMm: PXMM })) drawn++;
+        const leads = G.stripLeads(u.strip);
+        G.setText(u.el.querySelector(".ecg-label"), (leads.length ? "Lead " + leads[0] + "  " : "") + "25 mm/s  10 mm/mV");
+        G.setText(u.el.querySelector(".ecg-state"), G.stripState(u.strip, 0, u.data.ecg_lost, u.data.availability === "offline"));
+      });
+      if (BENCH && drawn) { bench.frames++; bench.stripDraws += drawn; }
     }
     window.requestAnimationFrame(frame);
   }
 
   // --- feed ---------------------------------------------------------------------------------------------------
 
-  function syncClock(serverTime) { if (serverTime) offsetMs = parseT(serverTime) - Date.now(); }
-
   function onSnapshot(snap) {
-    syncClock(snap.server_time);
-    staleAfterS = snap.stale_after_s;
-    nibpStaleAfterS = snap.nibp_stale_after_s;
-    ecgWindowS = snap.ecg_window_s;
+    limits = {
+      stale: snap.stale_after_s, nibp: snap.nibp_stale_after_s, gps: snap.gps_stale_after_s || 30,
+      ecgWindow: snap.ecg_window_s,
+    };
     const keep = new Set(snap.cards.map((c) => c.unit_id));
-    units.forEach((u, id) => { if (!keep.has(id)) { u.el.remove(); units.delete(id); } });
-    snap.cards.forEach(setCard);
+    units.forEach((u, id) => { if (!keep.has(id)) { observer.unobserve(u.el); u.el.remove(); units.delete(id); } });
+    snap.cards.forEach((c) => { setCard(c, snap.server_time); u(c.unit_id).vitalsT = snap.server_time; });
     reorder();
     tick();
   }
 
-  const handlers = {
-    snapshot: onSnapshot,
-    alert: (ev) => { setCard(ev.card); reorder(); },
-    removed: (ev) => { const u = units.get(ev.unit_id); if (u) { u.el.remove(); units.delete(ev.unit_id); } reorder(); },
-    vitals: (ev) => { const u = units.get(ev.unit_id); if (u) { u.data.vitals = ev.vitals; renderVitals(u); } },
-    position: (ev) => { const u = units.get(ev.unit_id); if (u) { u.data.position = ev.position; renderPosition(u); } },
-    unit: (ev) => {
-      const u = units.get(ev.unit_id);
-      if (!u) return;
-      u.data.availability = ev.availability;
-      u.data.crew_status = ev.crew_status;
-      renderUnitState(u);
-      renderVitals(u);
-    },
-    ecg: (ev) => { const u = units.get(ev.unit_id); if (u) addSegment(u, ev.segment); },
-  };
+  const u = (id) => units.get(id);
 
-  function connect() {
-    const source = new EventSource("/api/events?hospital=" + encodeURIComponent(HOSPITAL));
-    source.onopen = () => { linkEl.className = "link link-up"; setText(linkEl, "LIVE"); };
-    source.onerror = () => { linkEl.className = "link link-down"; setText(linkEl, "RECONNECTING - data may be old"); };
-    Object.keys(handlers).forEach((name) => {
-      source.addEventListener(name, (msg) => {
-        let data;
-        try { data = JSON.parse(msg.data); } catch (e) { return; }
-        if (name !== "snapshot") syncClock(data.server_time);
-        handlers[name](data);
-      });
-    });
+  function benchAlert(ev) {
+    if (!BENCH || bench.seenAlerts.has(ev.alert.alert_id) || !ev.alert.sent_at) return;
+    bench.seenAlerts.add(ev.alert.alert_id);
+    bench.alerts.push(Date.now() - G.parseT(ev.alert.sent_at));
   }
 
+  const handlers = {
+    snapshot: onSnapshot,
+    tick: () => {},
+    alert: (ev) => {
+      benchAlert(ev);
+      setCard(ev.card, ev.server_time);
+      u(ev.card.unit_id).vitalsT = ev.server_time;
+      reorder();
+    },
+    removed: (ev) => {
+      const x = u(ev.unit_id);
+      if (x) { observer.unobserve(x.el); x.el.remove(); units.delete(ev.unit_id); }
+      reorder();
+      updateSound(true);
+    },
+    vitals: (ev) => {
+      const x = u(ev.unit_id);
+      if (BENCH && ev.vitals.heart_rate_bpm) bench.vitals.push(Date.now() - G.parseT(ev.vitals.heart_rate_bpm.measured_at));
+      if (x) { x.data.vitals = ev.vitals; x.vitalsT = ev.server_time; renderVitals(x); }
+    },
+    position: (ev) => { const x = u(ev.unit_id); if (x) { x.data.position = ev.position; renderPosition(x, ev.server_time); } },
+    unit: (ev) => {
+      const x = u(ev.unit_id);
+      if (!x) return;
+      x.data.availability = ev.availability;
+      x.data.crew_status = ev.crew_status;
+      x.data.ecg_lost = ev.ecg_lost;
+      renderUnitState(x);
+      renderVitals(x);
+    },
+    ecg: (ev) => { const x = u(ev.unit_id); if (x) { G.addSegment(x.strip, ev.segment, limits.ecgWindow); x.data.ecg_lost = false; } },
+    gap: () => {},
+  };
+
   function tick() {
-    setText(clockEl, new Date(serverNow()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }));
-    units.forEach((u) => { renderEta(u); renderVitals(u); renderPosition(u); });
+    const now = G.serverNow();
+    G.setText(clockEl, now === null ? "--:--" : G.fmtClock(now, true));
+    units.forEach((x) => {
+      renderEta(x);
+      x.el.querySelectorAll(".vital").forEach(G.tickVital);
+      tickPosition(x);
+      G.tickActivations(x.el.querySelector(".acts"));
+    });
+    updateSound(false);
+    renderSilence();
+    const below = Array.from(units.values()).filter((x) => x.el.getBoundingClientRect().top > window.innerHeight - 40);
+    moreEl.classList.toggle("hidden", below.length === 0);
+    moreEl.classList.toggle("urgent", below.some((x) => { const a = primaryAlert(x); return a && a.priority === "high" && needsAttention(a); }));
+    G.setText(moreEl, below.length ? below.length + " more inbound below: " + below.map((x) => {
+      const a = primaryAlert(x);
+      return x.data.unit_id + (a ? " (" + a.priority.toUpperCase() + ")" : "");
+    }).join(", ") : "");
   }
 
   reorder();
-  connect();
+  G.connectFeed("/api/events?hospital=" + encodeURIComponent(HOSPITAL), handlers, (s) => G.renderLink(linkEl, s), 8000);
+  alarm.probe();
+  renderSilence();
   setInterval(tick, 500);
   window.requestAnimationFrame(frame);
 })();

@@ -77,8 +77,13 @@ class Cdp:
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.reader = asyncio.create_task(self._read())
+        self.proc: asyncio.subprocess.Process | None = None
 
     async def _read(self) -> None:
+        with suppress(websockets.ConnectionClosed):
+            await self._read_all()
+
+    async def _read_all(self) -> None:
         async for raw in self.ws:
             message = json.loads(raw)
             if "id" not in message:
@@ -130,6 +135,40 @@ class Cdp:
         )
         return await self.evaluate(session, expression, timeout_s=timeout_s)
 
+    async def open_page(self, url: str, width: int = 1920, height: int = 1080, mobile: bool = False) -> str:
+        """A new tab at ``url`` with the given viewport; returns its session id once loaded."""
+        target = await self.call("Target.createTarget", url="about:blank")
+        session = (await self.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
+        await self.call(
+            "Emulation.setDeviceMetricsOverride",
+            session,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=mobile,
+        )
+        await self.call("Page.enable", session)
+        await self.call("Page.navigate", session, url=url)
+        await self.wait_event("Page.loadEventFired")
+        return session
+
+    async def screenshot(self, session: str, path: Path) -> None:
+        """Save a PNG of the tab."""
+        shot = await self.call("Page.captureScreenshot", session, format="png")
+        await asyncio.to_thread(_write_png, path, base64.b64decode(shot["data"]))
+
+    async def click(self, session: str, selector_js: str) -> None:
+        """A real mouse click at the centre of the element ``selector_js`` evaluates to."""
+        box = await self.evaluate(
+            session,
+            "(() => { const r = (" + selector_js + ").getBoundingClientRect();"
+            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()",
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.call(
+                "Input.dispatchMouseEvent", session, type=kind, x=box["x"], y=box["y"], button="left", clickCount=1
+            )
+
     async def close(self) -> None:
         self.reader.cancel()
         with suppress(asyncio.CancelledError):
@@ -137,8 +176,14 @@ class Cdp:
         await self.ws.close()
 
 
+def _write_png(path: Path, data: bytes) -> None:
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+
+
 @asynccontextmanager
-async def chromium() -> AsyncIterator[Cdp]:
+async def chromium(*extra_args: str) -> AsyncIterator[Cdp]:
+    """A fresh headless Chromium; ``cdp.proc`` is its process (tests may kill it)."""
     binary = chromium_binary()
     profile = tempfile.mkdtemp(prefix="gh-chromium-")
     proc = await asyncio.create_subprocess_exec(
@@ -151,7 +196,10 @@ async def chromium() -> AsyncIterator[Cdp]:
         "--no-first-run",
         "--remote-debugging-port=0",
         f"--user-data-dir={profile}",
+        "--disable-component-update",
+        "--disable-sync",
         "--window-size=1920,1080",
+        *extra_args,
         "about:blank",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -168,20 +216,26 @@ async def chromium() -> AsyncIterator[Cdp]:
                     break
         async with websockets.connect(match.group(1), max_size=64 * 1024 * 1024) as ws:
             cdp = Cdp(ws)
+            cdp.proc = proc
             try:
                 yield cdp
             finally:
-                await cdp.close()
+                with suppress(websockets.ConnectionClosed):
+                    await cdp.close()
     finally:
-        proc.terminate()
+        with suppress(ProcessLookupError):
+            proc.terminate()
         async with asyncio.timeout(10):
             await proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
 
 
 @asynccontextmanager
-async def board_server(broker: BrokerSettings, space: TopicSpace) -> AsyncIterator[tuple[str, BoardRuntime]]:
-    app = create_app(BoardSettings(broker=broker, topic_prefix=space.prefix, default_hospital_id="HA"))
+async def board_server(
+    broker: BrokerSettings, space: TopicSpace, **overrides: Any
+) -> AsyncIterator[tuple[str, BoardRuntime]]:
+    settings = BoardSettings(broker=broker, topic_prefix=space.prefix, default_hospital_id="HA", **overrides)
+    app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)

@@ -53,9 +53,10 @@ def test_page_says_it_is_not_the_primary_alarm_system() -> None:
 
 async def test_page_chooses_hospital_and_escapes_the_dispatch_name() -> None:
     def dispatch(request: httpx.Request) -> httpx.Response:
-        if request.url.path != "/api/hospitals/HB":
+        if request.url.path != "/api/hospitals":  # the list dispatch serves (there is no /api/hospitals/{id})
             return httpx.Response(404)
-        return httpx.Response(200, json={"name": 'St Mary\'s <b>"ED"</b> & `co`'})
+        hospital = {"hospital_id": "HB", "name": 'St Mary\'s <b>"ED"</b> & `co`', "lat_deg": 43.7, "lon_deg": 7.4}
+        return httpx.Response(200, json=[hospital, {"hospital_id": "HC", "name": "  "}, {"bad": 1}])
 
     settings = BoardSettings(broker=BrokerSettings(), default_hospital_id="HA")
     app = create_app(settings)

@@ -30,6 +30,7 @@ from hospital_board.state import (
     AlertEvent,
     BoardState,
     EcgEvent,
+    EcgLeadsEvent,
     EventKind,
     RemovedEvent,
     UnknownAlertError,
@@ -135,7 +136,10 @@ def test_hospital_sees_only_units_coming_to_it() -> None:
     assert [e.hospital_ids for e in events] == [frozenset({"HA"})]
     board.apply_alert(alert("b1", "U2", "HB"), at(0))
     vitals_events = board.apply_vitals(numerics_vitals("U1", 2, 1), at(1))
-    assert [(e.kind, e.hospital_ids) for e in vitals_events] == [(EventKind.VITALS, frozenset({"HA"}))]
+    assert [(e.kind, e.hospital_ids) for e in vitals_events] == [
+        (EventKind.VITALS, frozenset({"HA"})),
+        (EventKind.TREND, frozenset({"HA"})),
+    ]
     assert [c.unit_id for c in board.snapshot("HB", at(1)).cards] == ["U2"]
     # A unit inbound nowhere produces no events at all (its data is kept for when an alert names it).
     assert board.apply_vitals(numerics_vitals("U9", 2, 1), at(1)) == []
@@ -182,7 +186,8 @@ def test_rows_without_a_value_keep_the_older_reading_and_late_replays_never_win(
     assert v.spo2_pct.age_s == pytest.approx(10)
     # a store-and-forward replay measured earlier arrives late: it must not replace the newer HR
     replay = numerics_vitals("U1", 2, 5).model_copy(update={"historical": True})
-    assert board.apply_vitals(replay, at(21)) == []
+    events = board.apply_vitals(replay, at(21))
+    assert [e.kind for e in events] == [EventKind.TREND], "no new live value; the replay only fills the trend"
     v = board.snapshot("HA", at(21)).cards[0].vitals
     assert v.heart_rate_bpm is not None
     assert v.heart_rate_bpm.value == pytest.approx(101.3)
@@ -217,7 +222,7 @@ def test_ecg_ring_keeps_last_window_of_first_lead_in_mv() -> None:
     chunks = mitdb_chunks("100", 20)
     for chunk in chunks:
         events = board.apply_ecg(chunk, at(chunk.seq + 1))
-        assert [type(e.payload) for e in events] == [EcgEvent]
+        assert [type(e.payload) for e in events] == [EcgEvent, EcgLeadsEvent]
     ring = board.snapshot("HA", at(21)).cards[0].ecg
     total_s = sum(len(s.samples_mv) / s.fs_hz for s in ring)
     assert 10 <= total_s <= 11
@@ -230,7 +235,7 @@ def test_ecg_ring_keeps_last_window_of_first_lead_in_mv() -> None:
     # golden value: MIT-BIH 100 sample 0 is 995 adu -> (995 - 1024) / 200 = -0.145 mV
     first = board.apply_ecg(mitdb_chunks("100", 1, unit_id="U2")[0], at(0))
     assert first == []
-    assert board._units["U2"].ecg[0].samples_mv[0] == pytest.approx(-0.145)
+    assert board._units["U2"].ecg[0].samples_mv[0, 0] == pytest.approx(-0.145)
 
 
 def test_duplicate_and_historical_ecg_never_reach_the_live_strip() -> None:

@@ -1,0 +1,461 @@
+// GoldenHour board pages: shared code (server clock, live feed, formatting, ECG strips, alarm tones).
+// Rules kept everywhere:
+// * Data-derived text only through textContent (FF-16); no HTML parsing of any data.
+// * Time: the server's clock, never the page's. Every event carries server_time; between events the page advances
+//   it with performance.now() (monotonic). Ages come from the server (age_s as of server_time), so a board PC whose
+//   clock is minutes off (or a headless browser running on virtual time) shows the same ages as the server.
+"use strict";
+
+window.GH = (function () {
+  const PRIO_RANK = { high: 0, medium: 1, low: 2 };
+  const PRIO_TEXT = { high: "HIGH !!!", medium: "MEDIUM !!", low: "LOW !" };
+  const CASE_TEXT = { stemi: "STEMI", stroke: "Stroke", trauma: "Trauma", medical: "Medical" };
+  const DEPT_TEXT = {
+    ed: "ED", cath_lab: "Cath lab", stroke_team: "Stroke team", ct: "CT", trauma_team: "Trauma team",
+    resus_room: "Resus room",
+  };
+  const STATUS_TEXT = {
+    available: "Available", assigned: "Assigned", en_route: "En route", on_scene: "On scene",
+    patient_contact: "With patient", transporting: "Transporting", at_hospital: "At hospital",
+    handed_over: "Handed over", back_in_service: "Back in service",
+  };
+  const LEVEL_TEXT = { primary: "primary", backup: "backup", supervisor: "supervisor" };
+
+  // --- server clock ----------------------------------------------------------------------------------------
+  let anchorServerMs = null;
+  let anchorPerf = 0;
+
+  function parseT(iso) {
+    if (!iso) return null;
+    const t = Date.parse(iso);
+    return Number.isNaN(t) ? null : t;
+  }
+
+  // Take a server_time: the estimate only moves forward (an event that waited in a queue carries an older time).
+  function syncServer(iso) {
+    const t = parseT(iso);
+    if (t === null) return;
+    const est = serverNow();
+    if (est === null || t > est) {
+      anchorServerMs = t;
+      anchorPerf = performance.now();
+    }
+  }
+
+  function serverNow() {
+    return anchorServerMs === null ? null : anchorServerMs + (performance.now() - anchorPerf);
+  }
+
+  // A server-side age (seconds, as of the event's server_time) turned into a reference instant on the server clock.
+  function refOf(ageS, serverTimeIso) {
+    const t = parseT(serverTimeIso);
+    if (t === null || ageS === null || ageS === undefined) return null;
+    return t - ageS * 1000;
+  }
+
+  function ageSince(refMs) {
+    const now = serverNow();
+    if (refMs === null || now === null) return null;
+    return Math.max(0, (now - refMs) / 1000);
+  }
+
+  // --- formatting --------------------------------------------------------------------------------------------
+  const setText = (el, text) => { if (el && el.textContent !== text) el.textContent = text; };
+
+  function fmtAge(s) {
+    if (s === null || s === undefined) return "";
+    s = Math.max(0, Math.round(s));
+    if (s < 60) return s + " s ago";
+    if (s < 3600) return Math.floor(s / 60) + " min ago";
+    return Math.floor(s / 3600) + " h ago";
+  }
+
+  function fmtClock(ms, withSeconds) {
+    if (ms === null || ms === undefined) return "--:--";
+    const opts = withSeconds ? { hour: "2-digit", minute: "2-digit", second: "2-digit" } : { hour: "2-digit", minute: "2-digit" };
+    return new Date(ms).toLocaleTimeString([], opts);
+  }
+
+  function fmtCountdown(s) {
+    const neg = s < 0;
+    s = Math.abs(Math.round(s));
+    const m = Math.floor(s / 60), r = s % 60;
+    return (neg ? "-" : "") + m + ":" + String(r).padStart(2, "0");
+  }
+
+  function fmt(v, digits) { return v === null || v === undefined ? "--" : Number(v).toFixed(digits || 0); }
+
+  function ageBand(age) {
+    if (age === null || age === undefined) return "age ?";
+    if (age < 1) return "<1 y";
+    if (age < 18) return "child " + age + " y";
+    const lo = Math.floor(age / 10) * 10;
+    return lo + "-" + (lo + 9) + " y";
+  }
+
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = text;
+    return e;
+  }
+
+  // --- live feed ---------------------------------------------------------------------------------------------
+  // EventSource with a watchdog: the server sends a "tick" when idle, so silence longer than stallMs means the link
+  // is dead even if the socket looks open; the page then reconnects and gets a full snapshot (resync).
+  function connectFeed(url, handlers, onLink, stallMs) {
+    let source = null;
+    let lastPerf = performance.now();
+    let state = "connecting";
+    const setState = (s) => { if (s !== state) { state = s; onLink(s); } };
+    function open() {
+      if (source) source.close();
+      source = new EventSource(url);
+      lastPerf = performance.now();
+      source.onopen = () => { lastPerf = performance.now(); };
+      source.onerror = () => { setState("reconnecting"); };
+      Object.keys(handlers).forEach((name) => {
+        source.addEventListener(name, (msg) => {
+          lastPerf = performance.now();
+          let data;
+          try { data = JSON.parse(msg.data); } catch (e) { return; }
+          if (data && data.server_time) syncServer(data.server_time);
+          if (name === "snapshot" || name === "detail") setState("live");
+          handlers[name](data);
+        });
+      });
+    }
+    open();
+    setInterval(() => {
+      if (performance.now() - lastPerf > stallMs) {
+        setState("stalled");
+        open();
+      }
+    }, 1000);
+    return { state: () => state, reconnect: open };
+  }
+
+  function renderLink(linkEl, state) {
+    const text = {
+      live: "LIVE", connecting: "CONNECTING", reconnecting: "RECONNECTING - data may be old",
+      stalled: "NO DATA FROM SERVER - reconnecting", gone: "NOT INBOUND",
+    }[state] || state;
+    linkEl.className = "link " + (state === "live" ? "link-up" : "link-down");
+    setText(linkEl, text);
+  }
+
+  // --- acknowledgement ---------------------------------------------------------------------------------------
+  async function postAck(hospital, alertId, department, byRole) {
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), 8000);
+    try {
+      const body = { hospital_id: hospital, by_role: byRole || "ed_staff" };
+      if (department) body.department = department;
+      const res = await fetch("/api/alerts/" + encodeURIComponent(alertId) + "/ack", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+        signal: ctrl.signal,
+      });
+      if (!res.ok) throw new Error("HTTP " + res.status);
+      return await res.json();
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  // The activation rows of an alert: one per department with its state, escalation count-down and own button.
+  // rowsEl: a <ul>; returns nothing; buttons call onAck(department).
+  function renderActivations(rowsEl, alert, serverTimeIso, onAck) {
+    const acts = (alert && alert.activations) || [];
+    const want = acts.map((a) => a.department).join(",");
+    if (rowsEl.dataset.depts !== want) {
+      rowsEl.replaceChildren();
+      acts.forEach((a) => {
+        const li = el("li", "act");
+        li.dataset.department = a.department;
+        li.appendChild(el("span", "act-name", DEPT_TEXT[a.department] || a.department));
+        li.appendChild(el("span", "act-state"));
+        li.appendChild(el("span", "act-clock"));
+        const b = el("button", "ack ack-dept", "Ack");
+        b.type = "button";
+        b.addEventListener("click", (ev) => { ev.stopPropagation(); onAck(li.dataset.department, b); });
+        li.appendChild(b);
+        rowsEl.appendChild(li);
+      });
+      rowsEl.dataset.depts = want;
+    }
+    acts.forEach((a, i) => {
+      const li = rowsEl.children[i];
+      li.dataset.state = a.state;
+      li._escRef = a.escalate_in_s === null || a.escalate_in_s === undefined ? null : parseT(serverTimeIso) + a.escalate_in_s * 1000;
+      li.className = "act act-" + a.state + (a.confirmed === false ? " unconfirmed" : "");
+      const level = LEVEL_TEXT[a.level] || a.level;
+      let text;
+      if (a.state === "acknowledged") {
+        const at = parseT(a.acknowledged_at);
+        text = "ACK " + (at ? fmtClock(at) : "") + (a.acknowledged_by ? " by " + a.acknowledged_by : "") +
+          (a.confirmed === false ? " (sending to dispatch)" : "");
+      } else if (a.state === "escalated") {
+        text = "ESCALATED to " + level;
+      } else if (a.state === "cancelled") {
+        text = "cancelled";
+      } else {
+        text = "PAGED " + level;
+      }
+      setText(li.querySelector(".act-state"), text);
+      li.querySelector("button").classList.toggle("hidden", a.state === "acknowledged" || a.state === "cancelled");
+    });
+    tickActivations(rowsEl);
+  }
+
+  // Live count-down to escalate_at, on the server's clock.
+  function tickActivations(rowsEl) {
+    const now = serverNow();
+    Array.from(rowsEl.children).forEach((li) => {
+      const clock = li.querySelector(".act-clock");
+      if (li._escRef === null || li._escRef === undefined || now === null) { setText(clock, ""); return; }
+      const left = (li._escRef - now) / 1000;
+      const next = li.dataset.state === "escalated" ? "next escalation" : "escalates";
+      setText(clock, left >= 0 ? next + " in " + fmtCountdown(left) : next + " overdue " + fmtCountdown(-left));
+      li.classList.toggle("due", left < 30);
+    });
+  }
+
+  // --- vitals ------------------------------------------------------------------------------------------------
+  // box: a .vital element; reading: {value, age_s, stale} or null; serverTimeIso of the event that carried it.
+  function setVital(box, valueText, reading, serverTimeIso, limitS, offline) {
+    const ageEl = box.querySelector(".v-age");
+    if (!reading) {
+      box.classList.add("none");
+      box.classList.remove("stale");
+      box._ref = null;
+      setText(box.querySelector(".v-value"), "--");
+      setText(ageEl, "not measured");
+      return;
+    }
+    box._ref = refOf(reading.age_s, serverTimeIso);
+    box._limit = limitS;
+    box._offline = offline;
+    box.classList.remove("none");
+    setText(box.querySelector(".v-value"), valueText);
+    tickVital(box);
+  }
+
+  function tickVital(box) {
+    if (box._ref === null || box._ref === undefined) return;
+    const age = ageSince(box._ref);
+    if (age === null) return;
+    const stale = age > box._limit || box._offline;
+    box.classList.toggle("stale", stale);
+    setText(box.querySelector(".v-age"), (stale ? "STALE " : "") + fmtAge(age));
+  }
+
+  function renderVitals(root, v, serverTimeIso, limits, offline) {
+    const q = (name) => root.querySelector('.vital[data-vital="' + name + '"]');
+    const put = (name, reading, digits) => {
+      const box = q(name);
+      if (box) setVital(box, reading ? fmt(reading.value, digits) : "--", reading, serverTimeIso, limits.stale, offline);
+    };
+    put("hr", v.heart_rate_bpm);
+    put("spo2", v.spo2_pct);
+    put("rr", v.resp_rate_per_min);
+    put("etco2", v.etco2_mmhg);
+    const nb = q("nibp");
+    if (nb) {
+      const n = v.nibp;
+      setVital(nb, n ? fmt(n.sbp_mmhg) + "/" + fmt(n.dbp_mmhg) : "--", n, serverTimeIso, limits.nibp, offline);
+    }
+  }
+
+  // --- ECG strips --------------------------------------------------------------------------------------------
+  // A strip holds segments of one unit: {t0, t1 (device ms), fs, rows: [mv arrays per lead], leads, leadOff, gapBefore}
+  // and plays them back one chunk behind the newest sample, on the page's monotonic clock (no wall clock involved).
+  function newStrip() { return { segs: [], headT: null, headPerf: 0, playT: null, lastChunkMs: 1000 }; }
+
+  function addSegment(strip, seg, windowS) {
+    const t0 = parseT(seg.start_at);
+    const rows = Array.isArray(seg.samples_mv[0]) ? seg.samples_mv : [seg.samples_mv];
+    const leads = seg.leads || [seg.lead];
+    const leadOff = Array.isArray(seg.lead_off) ? seg.lead_off : [seg.lead_off];
+    const n = rows[0].length;
+    const s = { t0: t0, fs: seg.fs_hz, rows: rows, leads: leads, leadOff: leadOff, gapBefore: !!seg.gap_before };
+    s.t1 = t0 + (1000 * n) / s.fs;
+    strip.segs.push(s);
+    const keepFrom = s.t1 - (windowS + 2) * 1000;
+    while (strip.segs.length > 1 && strip.segs[0].t1 < keepFrom) strip.segs.shift();
+    if (strip.headT === null || s.t1 > strip.headT) {
+      strip.headT = s.t1;
+      strip.headPerf = performance.now();
+    }
+    strip.lastChunkMs = s.t1 - s.t0;
+  }
+
+  // Draw one lead of a strip at clinical scale: 25 mm/s, 10 mm/mV, 1 mm / 5 mm grid, 1 mV calibration pulse.
+  // pxPerMm: CSS px per mm of the display (96 dpi assumed, calibrate with ?mm=); returns true when something was drawn.
+  function drawStrip(canvas, strip, leadIndex, opts) {
+    const dpr = window.devicePixelRatio || 1;
+    const cssW = canvas.clientWidth, cssH = canvas.clientHeight;
+    if (!cssW || !cssH) return false;
+    if (canvas.width !== Math.round(cssW * dpr) || canvas.height !== Math.round(cssH * dpr)) {
+      canvas.width = Math.round(cssW * dpr);
+      canvas.height = Math.round(cssH * dpr);
+    }
+    const pxmm = opts.pxPerMm * dpr;
+    const ctx = canvas.getContext("2d");
+    const W = canvas.width, H = canvas.height;
+    ctx.fillStyle = "#050607";
+    ctx.fillRect(0, 0, W, H);
+    for (let mm = 0, x = 0; x <= W; mm++, x = mm * pxmm) {
+      ctx.fillStyle = mm % 5 === 0 ? "#4a2222" : "#221212";
+      ctx.fillRect(Math.round(x), 0, 1, H);
+    }
+    for (let mm = 0, y = 0; y <= H; mm++, y = mm * pxmm) {
+      ctx.fillStyle = mm % 5 === 0 ? "#4a2222" : "#221212";
+      ctx.fillRect(0, Math.round(y), W, 1);
+    }
+    const baseY = H * 0.6;
+    const yOf = (mv) => baseY - mv * 10 * pxmm;
+    const calX = 2 * pxmm, calW = 0.2 * 25 * pxmm;
+    ctx.strokeStyle = "#9aa4b2";
+    ctx.lineWidth = 1.5 * dpr;
+    ctx.beginPath();
+    ctx.moveTo(0, baseY); ctx.lineTo(calX, baseY); ctx.lineTo(calX, yOf(1)); ctx.lineTo(calX + calW, yOf(1));
+    ctx.lineTo(calX + calW, baseY); ctx.lineTo(calX + calW + 2 * pxmm, baseY);
+    ctx.stroke();
+    if (!strip.segs.length || strip.headT === null) return true;
+    const lag = Math.min(strip.lastChunkMs || 1000, 2000) + 300;
+    let playT = strip.headT - lag + (performance.now() - strip.headPerf);
+    playT = Math.min(playT, strip.headT);
+    if (strip.playT !== null && playT < strip.playT && strip.playT <= strip.headT) playT = strip.playT;
+    strip.playT = playT;
+    const x0 = calX + calW + 3 * pxmm;
+    const spanMs = ((W - x0) / pxmm / 25) * 1000;
+    const tStart = playT - spanMs;
+    const xOf = (t) => x0 + ((t - tStart) / 1000) * 25 * pxmm;
+    ctx.strokeStyle = "#39ff6a";
+    ctx.lineWidth = 2 * dpr;
+    ctx.beginPath();
+    let pen = false, prevEnd = null;
+    const holes = [];
+    for (const s of strip.segs) {
+      if (s.t1 < tStart || s.t0 > playT) { prevEnd = s.t1; continue; }
+      const row = s.rows[Math.min(leadIndex, s.rows.length - 1)];
+      const dt = 1000 / s.fs;
+      if (prevEnd !== null && (s.gapBefore || s.t0 - prevEnd > 2.5 * dt)) {
+        pen = false; // a gap stays a gap: never a line across missing samples
+        holes.push([Math.max(prevEnd, tStart), s.t0]);
+      }
+      const i0 = Math.max(0, Math.floor((tStart - s.t0) / dt));
+      const i1 = Math.min(row.length, Math.ceil((playT - s.t0) / dt));
+      for (let i = i0; i < i1; i++) {
+        const x = xOf(s.t0 + i * dt);
+        const y = yOf(row[i]);
+        if (pen) ctx.lineTo(x, y); else { ctx.moveTo(x, y); pen = true; }
+      }
+      prevEnd = s.t0 + (i1 - 1) * dt + dt;
+    }
+    ctx.stroke();
+    holes.forEach(([a, b]) => {
+      const xa = Math.max(x0, xOf(a)), xb = Math.min(W, xOf(b));
+      if (xb <= xa) return;
+      ctx.fillStyle = "rgba(255, 214, 10, 0.18)";
+      ctx.fillRect(xa, 0, xb - xa, H);
+      ctx.fillStyle = "#ffd60a";
+      ctx.font = Math.round(14 * dpr) + "px sans-serif";
+      if (xb - xa > 30 * dpr) ctx.fillText("GAP", xa + 4 * dpr, 18 * dpr);
+    });
+    return true;
+  }
+
+  function stripState(strip, leadIndex, lost, offline) {
+    if (!strip.segs.length) return "NO ECG";
+    const last = strip.segs[strip.segs.length - 1];
+    if (last.leadOff[Math.min(leadIndex, last.leadOff.length - 1)]) return "LEAD OFF";
+    if (lost || offline) return "ECG SIGNAL LOST";
+    return "";
+  }
+
+  function stripLeads(strip) {
+    return strip.segs.length ? strip.segs[strip.segs.length - 1].leads : [];
+  }
+
+  // --- alarm tones (Web Audio) -----------------------------------------------------------------------------
+  // Burst patterns in the manner of IEC 60601-1-8 (table 3): pulses with a fundamental plus 4 harmonics.
+  // high: 10 pulses (3+2, pause, 3+2), pulse 150 ms, spacing 100 ms, repeated every 10 s (2.5-15 s);
+  // medium: 3 pulses of 200 ms, spacing 200 ms, repeated every 25 s (2.5-30 s);
+  // low: 2 pulses of 200 ms, once (no repeat). Pulse rise/fall 20 ms (10-20 % of the pulse).
+  const BURSTS = {
+    high: { f0: 660, pulseS: 0.15, offsetsS: [0, 0.25, 0.5, 0.9, 1.15, 2.1, 2.35, 2.6, 3.0, 3.25], repeatS: 10 },
+    medium: { f0: 523.25, pulseS: 0.2, offsetsS: [0, 0.4, 0.8], repeatS: 25 },
+    low: { f0: 440, pulseS: 0.2, offsetsS: [0, 0.4], repeatS: null },
+  };
+
+  function makeAlarm() {
+    let ctx = null;
+    let wave = null;
+    const log = [];
+    window.__ghTones = log; // for tests and the benchmark: every burst scheduled, with its priority
+
+    function context() {
+      if (!ctx) {
+        const C = window.AudioContext || window.webkitAudioContext;
+        if (!C) return null;
+        ctx = new C();
+        const real = new Float32Array([0, 1, 0.6, 0.45, 0.35, 0.3]);
+        const imag = new Float32Array(real.length);
+        wave = ctx.createPeriodicWave(real, imag);
+      }
+      return ctx;
+    }
+
+    function burst(priority) {
+      const spec = BURSTS[priority];
+      const c = context();
+      const entry = { priority: priority, perf: performance.now(), pulses: spec.offsetsS.length, state: c ? c.state : "none" };
+      log.push(entry);
+      if (log.length > 500) log.shift();
+      if (!c || c.state !== "running") return entry;
+      const start = c.currentTime + 0.02;
+      spec.offsetsS.forEach((off) => {
+        const osc = c.createOscillator();
+        const gain = c.createGain();
+        osc.setPeriodicWave(wave);
+        osc.frequency.value = spec.f0;
+        const t0 = start + off, t1 = t0 + spec.pulseS, ramp = Math.min(0.02, spec.pulseS * 0.2);
+        gain.gain.setValueAtTime(0, t0);
+        gain.gain.linearRampToValueAtTime(0.25, t0 + ramp);
+        gain.gain.setValueAtTime(0.25, t1 - ramp);
+        gain.gain.linearRampToValueAtTime(0, t1);
+        osc.connect(gain).connect(c.destination);
+        osc.start(t0);
+        osc.stop(t1 + 0.01);
+      });
+      return entry;
+    }
+
+    return {
+      burst: burst,
+      running: () => !!ctx && ctx.state === "running",
+      enable: () => { const c = context(); return c ? c.resume() : Promise.resolve(); },
+      probe: () => { context(); return ctx ? ctx.state : "none"; },
+      bursts: BURSTS,
+    };
+  }
+
+  // ?mm=3.78 calibrates CSS px per mm of the physical display so the grid is true millimetres.
+  function pxPerMm() {
+    const v = parseFloat(new URLSearchParams(location.search).get("mm"));
+    return v > 0 && v < 50 ? v : 96 / 25.4;
+  }
+
+  return {
+    PRIO_RANK, PRIO_TEXT, CASE_TEXT, DEPT_TEXT, STATUS_TEXT,
+    parseT, syncServer, serverNow, refOf, ageSince,
+    setText, fmtAge, fmtClock, fmtCountdown, fmt, ageBand, el,
+    connectFeed, renderLink, postAck, renderActivations, tickActivations,
+    setVital, tickVital, renderVitals,
+    newStrip, addSegment, drawStrip, stripState, stripLeads,
+    makeAlarm, pxPerMm,
+  };
+})();
