@@ -30,6 +30,7 @@ from dispatch.service import DispatchService
 from hospital_board.main import create_app as create_board_app
 from hospital_board.settings import BoardSettings
 from simulators.fleet import CaseScript, SimulatedUnit, UnitPlan, build_unit
+from telemetry.ingest import Ingest
 from telemetry.service import run_ingest
 from telemetry.settings import TelemetrySettings
 
@@ -181,16 +182,26 @@ async def run_demo(options: DemoOptions, on_ready: Callable[[DemoRunning], None]
             units=units,
             scripts=scripts,
         )
+        ingest_built: asyncio.Queue[Ingest] = asyncio.Queue(maxsize=1)
         async with asyncio.TaskGroup() as tg:
             tasks = [
-                tg.create_task(run_ingest(database_url, broker, space, settings=ingest_settings), name="ingest"),
+                tg.create_task(
+                    run_ingest(
+                        database_url, broker, space, settings=ingest_settings, on_ingest=ingest_built.put_nowait
+                    ),
+                    name="ingest",
+                ),
                 tg.create_task(dispatch.run(), name="dispatch"),
                 *(tg.create_task(s.serve(), name="http") for s in servers),
             ]
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(60):
                 while not all(s.started for s in servers):  # noqa: ASYNC110 - uvicorn offers only a flag
                     await asyncio.sleep(0.05)
-                await dispatch.wait_ready(30)
+                await dispatch.wait_ready(60)
+                # The store must be subscribed before the first ambulance speaks, or its first messages have no
+                # session to wait in.
+                ingest = await ingest_built.get()
+                await ingest.link.wait_connected(60)
             tasks += [tg.create_task(u.agent.run(), name=f"agent-{u.plan.unit_id}") for u in units]
             tasks += [tg.create_task(s.run(), name=f"crew-{s.unit.plan.unit_id}") for s in scripts]
             if on_ready is not None:
