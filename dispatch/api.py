@@ -4,6 +4,7 @@
 lifespan and runs the service there; ``create_app(service=...)`` serves an existing service that the caller
 runs.  Responses are the pydantic models of :mod:`dispatch.schemas`, never internal objects; domain errors are
 mapped to HTTP status codes here only (404 unknown hospital or alert, 422 bad coordinates, 503 no road graph).
+Incidents, assignments, case timelines, reports, the road map and the console: :mod:`dispatch.cases_api`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 
 from broker_config import Priority, TopicSpace, utc_now
+from dispatch.cases_api import cases_router
 from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
 from dispatch.errors import RoutingError, StoreError, UnknownHospitalError
 from dispatch.geo import valid_position_deg
@@ -125,6 +127,9 @@ def _unit_public(unit: UnitRecord, now: datetime) -> UnitPublic:
         position_age_s=(now - unit.position_at).total_seconds() if unit.position_at else None,
         current_alert_id=unit.current_alert_id,
         destination_hospital_id=unit.destination_hospital_id,
+        current_incident_id=unit.current_incident_id,
+        lifecycle=unit.state,
+        lifecycle_source=unit.lifecycle_source if unit.lifecycle is not None else "crew",
     )
 
 
@@ -245,6 +250,7 @@ def create_app(
     )
     if service is not None:
         app.state.service = service
+    app.include_router(cases_router())
 
     @app.get("/api/health", tags=["health"])
     async def health(svc: ServiceDep) -> HealthPublic:

@@ -120,11 +120,26 @@ class UnitRecord:
     current_alert_id: str | None = None
     destination_hospital_id: str | None = None
     current_incident_id: str | None = None
+    lifecycle: CrewStatus | None = None
+    """Dispatch's view of the unit's stage, from crew taps, GPS geofences and dispatcher actions (None = as the
+    crew's last status).  Within an incident it only moves forward (:data:`dispatch.incidents.LIFECYCLE_RANK`)."""
+    lifecycle_source: str | None = None
+    """Who moved the lifecycle last: ``crew``, ``geofence`` or ``dispatcher``."""
+    lifecycle_at: datetime | None = None
+
+    @property
+    def state(self) -> CrewStatus | None:
+        """The lifecycle stage, falling back to the crew's last status."""
+        return self.lifecycle if self.lifecycle is not None else self.status
 
     @property
     def available(self) -> bool:
-        """Free for a new job: online (or unknown) and last status ``available`` or ``back_in_service``."""
-        return self.online is not False and self.status in (CrewStatus.AVAILABLE, CrewStatus.BACK_IN_SERVICE)
+        """Free for a new job: online (or unknown), on no incident, and stage ``available`` or ``back_in_service``."""
+        return (
+            self.online is not False
+            and self.current_incident_id is None
+            and self.state in (CrewStatus.AVAILABLE, CrewStatus.BACK_IN_SERVICE)
+        )
 
 
 @dataclass(slots=True)

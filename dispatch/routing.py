@@ -282,6 +282,14 @@ class RoadRouter:
             raise OutsideNetworkError(point_deg, float(distance_m))
         return int(index), float(distance_m)
 
+    def graph_arrays(
+        self,
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+        """``(lat_deg, lon_deg, src, dst)``: node coordinates, shape (n_nodes,), and directed edges as node index
+        arrays, shape (n_edges,).  Read-only views for drawing the network (:mod:`dispatch.roadmap`)."""
+        coo = self._time.tocoo()
+        return self._lat, self._lon, coo.row.astype(np.int64), coo.col.astype(np.int64)
+
     def node_deg(self, index: int) -> tuple[float, float]:
         """(lat, lon) of a graph node."""
         return (float(self._lat[index]), float(self._lon[index]))

@@ -8,9 +8,25 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from broker_config import AlertState, CaseType, CrewStatus, Department, Findings, Priority
+from broker_config.topics import ID_PATTERN
 
 __all__ = [
     "AckPublic",
+    "AssignRequest",
+    "AssignResponse",
+    "AssignmentPublic",
+    "CancelRequest",
+    "CaseEventIn",
+    "CaseEventPublic",
+    "CaseTimelinePublic",
+    "IncidentCreate",
+    "IncidentPublic",
+    "IntervalPublic",
+    "IntervalSummaryPublic",
+    "MonthlyReportPublic",
+    "RoadMapPublic",
+    "UnitRecommendationPublic",
+    "UnitRecommendResponse",
     "AlertDetailPublic",
     "AlertPublic",
     "CapabilitiesPublic",
@@ -110,6 +126,10 @@ class UnitPublic(_Out):
     position_age_s: float | None
     current_alert_id: str | None
     destination_hospital_id: str | None
+    current_incident_id: str | None = None
+    lifecycle: CrewStatus | None = None
+    """Dispatch's view of the stage (crew taps, geofences, dispatcher actions); ``status`` is the crew's own."""
+    lifecycle_source: str | None = None
 
 
 class RecommendationPublic(_Out):
@@ -201,3 +221,172 @@ class RoutePublic(_Out):
     points_deg: list[tuple[float, float]]
     distance_m: float
     duration_s: float
+
+
+OpaqueIdIn = Annotated[str, Field(pattern=ID_PATTERN.pattern, description="opaque id [A-Za-z0-9_-]{1,32}")]
+
+
+class IncidentCreate(_In):
+    """A call for help.  ``complaint`` and ``caller_notes`` are free text: stored, shown as text, never logged.
+
+    ``call_received_at`` (UTC, default now) is NEMSIS eTimes.01; ``destination_hospital_id`` pre-selects a hospital.
+    """
+
+    lat_deg: Lat
+    lon_deg: Lon
+    complaint: Annotated[str, Field(min_length=1, max_length=200)]
+    priority: Priority = Priority.MEDIUM
+    case_type: CaseType | None = None
+    caller_notes: Annotated[str, Field(max_length=1_000)] = ""
+    created_by: Annotated[str, Field(min_length=1, max_length=64)] = "dispatcher"
+    call_received_at: AwareDatetime | None = None
+    destination_hospital_id: OpaqueIdIn | None = None
+
+
+class AssignmentPublic(_Out):
+    """One assignment of a unit (UTC); ``ended_at``/``end_reason`` null while current."""
+
+    unit_id: str
+    assigned_at: datetime
+    by: str
+    ended_at: datetime | None
+    end_reason: str | None
+
+
+class IncidentPublic(_Out):
+    """An incident: position in degrees, complaint, priority, state (open, assigned, closed, cancelled), its unit."""
+
+    incident_id: str
+    state: Literal["open", "assigned", "closed", "cancelled"]
+    lat_deg: float
+    lon_deg: float
+    complaint: str
+    caller_notes: str
+    priority: Priority
+    case_type: CaseType | None
+    created_at: datetime
+    created_by: str
+    unit_id: str | None
+    alert_id: str | None
+    destination_hospital_id: str | None
+    assignments: list[AssignmentPublic]
+
+
+class AssignRequest(_In):
+    """Assign a unit to the incident (re-assigning stands the previous unit down)."""
+
+    unit_id: OpaqueIdIn
+    by: Annotated[str, Field(min_length=1, max_length=64)] = "dispatcher"
+
+
+class CancelRequest(_In):
+    """Cancel the incident (the assigned unit is stood down)."""
+
+    by: Annotated[str, Field(min_length=1, max_length=64)] = "dispatcher"
+
+
+class AssignResponse(_Out):
+    """The incident after the action; whether the broker confirmed (PUBACK) the unit's notice and, for the unit
+    stood down, its cancellation notice."""
+
+    incident: IncidentPublic
+    notice_confirmed: bool
+    previous_unit_id: str | None
+    cancel_confirmed: bool | None
+
+
+class UnitRecommendationPublic(_Out):
+    """One available unit: rank (1 = best), road ETA in seconds, straight-line distance in metres, fix age in
+    seconds (null = unknown), reasons."""
+
+    rank: int
+    unit_id: str
+    eta_s: float | None
+    distance_m: float | None
+    position_age_s: float | None
+    reasons: list[str]
+
+
+class UnitRecommendResponse(_Out):
+    """Available units ranked by road ETA (one reverse Dijkstra search), and the destination ranking for the
+    incident's pathway (``medical`` when not known yet) with reasons."""
+
+    incident_id: str
+    units: list[UnitRecommendationPublic]
+    destinations: list[RecommendationPublic]
+
+
+class CaseEventIn(_In):
+    """A hospital time point (UTC): door, device (wire crossing / balloon), needle or CT start."""
+
+    point: Literal["hospital_door", "device", "needle", "ct_start"]
+    at: AwareDatetime
+    hospital_id: OpaqueIdIn | None = None
+
+
+class CaseEventPublic(_Out):
+    """One time point: NEMSIS element (null for registry points), when, source, when recorded, the source's clock
+    offset in seconds (null = unknown) and data-quality flags."""
+
+    point: str
+    nemsis: str | None
+    at: datetime
+    source: str
+    recorded_at: datetime
+    clock_offset_s: float | None
+    detail: str
+    flags: list[str]
+
+
+class IntervalPublic(_Out):
+    """One interval of the case: seconds (null = a point missing), target (s), compliant (null = not measurable)."""
+
+    name: str
+    seconds: float | None
+    target_s: float
+    compliant: bool | None
+    source: str
+
+
+class CaseTimelinePublic(_Out):
+    """A case's timeline in time order, its intervals against the targets, and its quality flags."""
+
+    case_id: str
+    state: str
+    case_type: CaseType | None
+    unit_id: str | None
+    events: list[CaseEventPublic]
+    intervals: list[IntervalPublic]
+    quality_flags: list[str]
+
+
+class IntervalSummaryPublic(_Out):
+    """One interval over the month: cases measured, median seconds, % meeting the target."""
+
+    name: str
+    target_s: float
+    n_cases: int
+    median_s: float | None
+    compliance_pct: float | None
+    source: str
+
+
+class MonthlyReportPublic(_Out):
+    """Quality report of one month (by call received, UTC): cases, per pathway, intervals, STEMI ECG transmission."""
+
+    month: str
+    n_cases: int
+    cases_by_type: dict[str, int]
+    intervals: list[IntervalSummaryPublic]
+    stemi_ecg_transmitted_pct: float | None
+    """Share of STEMI cases with a transmitted pre-hospital ECG (China CPC: >= 30 %)."""
+
+
+class RoadMapPublic(_Out):
+    """The road network for drawing: polylines [[[lat, lon], ...], ...] in degrees and the bounding box."""
+
+    min_lat_deg: float
+    min_lon_deg: float
+    max_lat_deg: float
+    max_lon_deg: float
+    polylines: list[list[tuple[float, float]]]

@@ -57,6 +57,7 @@ from broker_config import (
 )
 from broker_config.connection import MqttLink, NotConnectedError
 from dispatch.activation import DEFAULT_ACK_TIMEOUT_S, acknowledge, escalate_due, next_deadline, page
+from dispatch.cases import CaseDesk
 from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
 from dispatch.errors import DispatchError, OutsideNetworkError, StoreError
 from dispatch.geo import valid_position_deg
@@ -181,6 +182,8 @@ class DispatchService:
         self._deadlines: dict[str, datetime] = {}
         """alert id -> earliest escalation deadline of its open pages (the timer index)."""
         self._opened = False
+        self.cases = CaseDesk(self.repo, registry, clock, self._publish, self._next_seq)
+        """Incidents, assignments and case timelines (:mod:`dispatch.cases`)."""
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -294,10 +297,14 @@ class DispatchService:
     async def _dispatch(self, stream: Stream, model: BaseModel, received_at: datetime) -> None:
         if isinstance(model, GpsFix):
             self._on_gps(model, received_at)
-            await self.repo.save_unit(self.repo.unit(model.unit_id))
+            unit = self.repo.unit(model.unit_id)
+            await self.cases.on_gps(unit, model, received_at)
+            await self.repo.save_unit(unit)
         elif isinstance(model, Status):
-            self._on_status(model, received_at)
-            await self.repo.save_unit(self.repo.unit(model.unit_id))
+            newest = self._on_status(model, received_at)
+            unit = self.repo.unit(model.unit_id)
+            await self.cases.on_status(unit, model, received_at, newest=newest)
+            await self.repo.save_unit(unit)
         elif isinstance(model, Availability):
             self._on_availability(model, received_at)
             await self.repo.save_unit(self.repo.unit(model.unit_id))
@@ -325,14 +332,16 @@ class DispatchService:
         unit.position_at = fix.sent_at
         unit.gps_fix = True
 
-    def _on_status(self, status: Status, received_at: datetime) -> None:
+    def _on_status(self, status: Status, received_at: datetime) -> bool:
+        """Update the unit's last crew status; False when the tap is older than the one already known."""
         unit = self.repo.unit(status.unit_id)
         unit.last_seen_at = received_at
         if unit.status_at is not None and status.at < unit.status_at:
-            return
+            return False
         unit.status = status.status
         unit.status_at = status.at
         unit.status_seq = status.seq
+        return True
 
     def _on_availability(self, message: Availability, received_at: datetime) -> None:
         unit = self.repo.unit(message.unit_id)
@@ -447,6 +456,7 @@ class DispatchService:
                 )
             self._schedule(record)
         self.repo.add_alert(record)
+        await self.cases.on_prealert(record, alert, received_at)
         if unit is None:
             unit = self.repo.unit(alert.unit_id)
         unit.current_alert_id = alert.alert_id
@@ -489,6 +499,8 @@ class DispatchService:
                     f"department={department.value} role={ack.by_role[:32]}",
                 )
             self._schedule(record)
+            if acknowledged:
+                await self.cases.on_acknowledged(record, acknowledged, ack.at)
         new_state = self._alert_state(record, state)
         if new_state is record.state and not acknowledged:
             record.add_event(ack.at, EventSource.HOSPITAL, EventKind.ACK_REPEATED, detail)

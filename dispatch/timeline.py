@@ -1,11 +1,11 @@
 """The case timeline: time points with their source, ordering checks, intervals and compliance.  Pure, no I/O.
 
-Time points (DOMAIN.md section 3) are the NEMSIS v3.5 eTimes (``.01`` call received (PSAP), ``.03`` unit notified,
-``.05`` en route, ``.06`` on scene, ``.07`` at patient = first medical contact (FMC), ``.09`` left scene, ``.11`` at
-destination, ``.12`` transfer of care, ``.13`` back in service) plus the chest-pain-centre and stroke registry
-points (first ECG, ECG transmitted, pre-alert sent, cath lab activated / acknowledged, hospital door, device =
-wire crossing or balloon, needle, CT start).  Each event carries its source: device, geofence, crew tap,
-hospital, dispatch or inferred.
+Time points (DOMAIN.md section 3) are the NEMSIS v3.5 eTimes (``.01`` call received (PSAP), ``.02`` dispatch
+notified, ``.03`` unit notified, ``.05`` en route, ``.06`` on scene, ``.07`` at patient = first medical contact
+(FMC), ``.09`` left scene, ``.11`` at destination, ``.12`` transfer of care, ``.13`` back in service) plus the
+chest-pain-centre and stroke registry points (first ECG, ECG transmitted, pre-alert sent, cath lab activated /
+acknowledged, hospital door, device = wire crossing or balloon, needle, CT start).  Each event carries its source:
+device, geofence, crew tap, hospital, dispatch or inferred.
 
 Ordering: NEMSIS defines ordering rules between eTimes (each later eTime is not earlier than the one before, e.g.
 .06 on scene >= .05 en route); :data:`ORDER_RULES` holds them, plus the pathway rules (FMC <= first ECG, door <=
@@ -27,6 +27,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from broker_config import CaseType
+from dispatch.errors import TimelineOrderError
 
 __all__ = [
     "CASE_CSV_COLUMNS",
@@ -40,6 +41,8 @@ __all__ = [
     "IntervalSummary",
     "TimePoint",
     "TimeSource",
+    "HOSPITAL_POINTS",
+    "append_event",
     "case_csv",
     "compute_intervals",
     "first_times",
@@ -52,6 +55,7 @@ class TimePoint(StrEnum):
     """A time point of a case (see the module docstring for the NEMSIS eTimes numbers)."""
 
     CALL_RECEIVED = "call_received"
+    DISPATCH_NOTIFIED = "dispatch_notified"
     UNIT_NOTIFIED = "unit_notified"
     EN_ROUTE = "en_route"
     ON_SCENE = "on_scene"
@@ -84,6 +88,7 @@ class TimeSource(StrEnum):
 
 NEMSIS_ETIMES: dict[TimePoint, str] = {
     TimePoint.CALL_RECEIVED: "eTimes.01",
+    TimePoint.DISPATCH_NOTIFIED: "eTimes.02",
     TimePoint.UNIT_NOTIFIED: "eTimes.03",
     TimePoint.EN_ROUTE: "eTimes.05",
     TimePoint.ON_SCENE: "eTimes.06",
@@ -109,10 +114,11 @@ ORDER_RULES: tuple[tuple[TimePoint, TimePoint], ...] = (
     (TimePoint.PATIENT_CONTACT, TimePoint.DEVICE),
     (TimePoint.HOSPITAL_DOOR, TimePoint.NEEDLE),
     (TimePoint.HOSPITAL_DOOR, TimePoint.CT_START),
+    (TimePoint.CT_START, TimePoint.NEEDLE),
 )
 """``(earlier, later)``: ``later`` must not be before ``earlier``.  The eTimes chain follows the NEMSIS v3.5
 ordering rules (each eTime >= the ones before it); the others follow from the pathway (an ECG needs a patient,
-a device time needs a door)."""
+a device time needs a door, stroke lysis needs imaging first)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +158,46 @@ def order_violations(events: Sequence[CaseEvent], point: TimePoint, at: datetime
         elif point is earlier and later in times and times[later] < at:
             out.append(f"{_label(point)} after {_label(later)}")
     return out
+
+
+HOSPITAL_POINTS: frozenset[TimePoint] = frozenset(
+    {TimePoint.HOSPITAL_DOOR, TimePoint.DEVICE, TimePoint.NEEDLE, TimePoint.CT_START}
+)
+"""Time points a hospital reports through the API (door, device = wire crossing / balloon, needle, CT start)."""
+
+
+def append_event(
+    events: list[CaseEvent],
+    point: TimePoint,
+    at: datetime,
+    source: TimeSource,
+    recorded_at: datetime,
+    *,
+    detail: str = "",
+    clock_offset_s: float | None = None,
+    strict: bool = False,
+    against: Sequence[CaseEvent] | None = None,
+) -> CaseEvent | None:
+    """Append one time point to ``events`` (in place) after checking :data:`ORDER_RULES`.
+
+    A repeat of the same point from the same source at the same time (a retained message delivered again) is
+    ignored and None returned.  An order violation is kept as a data-quality flag (``order: ...``) on the new
+    event, or, with ``strict`` (a person posting it), refused.  ``against`` (default: ``events``) is the set the
+    rules are checked on: per-unit points of a re-assigned case are checked against that unit's events only.
+
+    Raises:
+        TimelineOrderError: ``strict`` and the point breaks an ordering rule; ``violations`` says which.
+    """
+    if any(e.point is point and e.source is source and e.at == at for e in events):
+        return None
+    violations = order_violations(events if against is None else against, point, at)
+    if violations and strict:
+        raise TimelineOrderError(violations)
+    event = CaseEvent(
+        point, at, source, recorded_at, detail[:200], clock_offset_s, tuple(f"order: {v}" for v in violations)
+    )
+    events.append(event)
+    return event
 
 
 def _label(point: TimePoint) -> str:

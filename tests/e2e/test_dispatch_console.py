@@ -1,0 +1,328 @@
+"""The dispatcher console in a real headless Chromium, driven over the DevTools protocol.
+
+Units report over the real broker; uvicorn serves dispatch on a loopback socket; Chromium loads /console, a real
+mouse click on the map places the incident, the form creates it, "Assign recommended unit" assigns the nearest
+unit, whose crew receives Notice(kind=assignment) over MQTT.  A unit without a fix is listed as "no position"
+(FF-15) and a caller note with markup is shown as text (FF-16).  A 1920x1080 screenshot goes to ``artifacts/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import uvicorn
+import websockets
+
+from broker_config import (
+    STREAMS,
+    Availability,
+    BrokerSettings,
+    CrewStatus,
+    GpsFix,
+    Notice,
+    NoticeKind,
+    Status,
+    Stream,
+    TopicSpace,
+    decode_as,
+    encode,
+    utc_now,
+)
+from dispatch.api import create_app
+from dispatch.hospitals import DATA_DIR, HospitalRegistry
+from dispatch.routing import RoadRouter
+from dispatch.service import DispatchService
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.integration]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+SCENE = (43.7304054, 7.4114082)
+UNITS = {"AMB1": (43.7440, 7.4300), "AMB2": (43.7369, 7.4210), "AMB9": None}
+NOTE = 'Name <unknown> <img src=x onerror="window.__pwned=1">'
+
+
+def chromium_binary() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("headless Chromium is not installed (apt-get install -y chromium)")
+
+
+class Cdp:
+    """A minimal DevTools-protocol client over the browser WebSocket (flattened sessions)."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            message = json.loads(raw)
+            if "id" not in message:
+                await self.events.put(message)
+                continue
+            future = self.pending.pop(message["id"], None)
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    async def wait_event(self, method: str, timeout_s: float = 15) -> dict[str, Any]:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                event = await self.events.get()
+                if event.get("method") == method:
+                    return event
+
+    async def call(self, method: str, session: str | None = None, timeout_s: float = 15, **params: Any) -> Any:
+        call_id = next(self.ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = future
+        message: dict[str, Any] = {"id": call_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        await self.ws.send(json.dumps(message))
+        async with asyncio.timeout(timeout_s):
+            reply = await future
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
+
+    async def evaluate(self, session: str, expression: str, timeout_s: float = 15) -> Any:
+        result = await self.call(
+            "Runtime.evaluate", session, timeout_s=timeout_s, expression=expression, awaitPromise=True,
+            returnByValue=True,
+        )  # fmt: skip
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page error: {result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    async def wait_in_page(self, session: str, condition_js: str, timeout_s: float = 15) -> Any:
+        """Resolve when ``condition_js`` is truthy, re-checked on every animation frame inside the page."""
+        expression = (
+            "new Promise((resolve) => { const check = () => { let v = false; try { v = (" + condition_js + "); }"
+            " catch (e) { v = false; } if (v) resolve(v); else requestAnimationFrame(check); }; check(); })"
+        )
+        return await self.evaluate(session, expression, timeout_s=timeout_s)
+
+    async def click(self, session: str, x: float, y: float) -> None:
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.call("Input.dispatchMouseEvent", session, type=kind, x=x, y=y, button="left", clickCount=1)
+
+    async def click_selector(self, session: str, selector: str) -> None:
+        box = await self.evaluate(
+            session,
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()",
+        )
+        await self.click(session, box["x"], box["y"])
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        with suppress(asyncio.CancelledError):
+            await self.reader
+        await self.ws.close()
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Cdp]:
+    profile = tempfile.mkdtemp(prefix="gh-chromium-")
+    proc = await asyncio.create_subprocess_exec(
+        chromium_binary(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "--window-size=1920,1080",
+        "about:blank",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            while True:
+                line = (await proc.stderr.readline()).decode(errors="replace")
+                if not line:
+                    raise RuntimeError("chromium exited before opening DevTools")
+                match = re.search(r"DevTools listening on (ws://\S+)", line)
+                if match:
+                    break
+        async with websockets.connect(match.group(1), max_size=64 * 1024 * 1024) as ws:
+            cdp = Cdp(ws)
+            try:
+                yield cdp
+            finally:
+                await cdp.close()
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(10):
+            await proc.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@asynccontextmanager
+async def dispatch_server(broker: BrokerSettings, space: TopicSpace) -> AsyncIterator[tuple[str, DispatchService]]:
+    router = await asyncio.to_thread(RoadRouter.from_pbf, DATA_DIR / "monaco.osm.pbf")
+    service = DispatchService(
+        broker, space, HospitalRegistry.load(), router, client_id=f"dispatch-{uuid.uuid4().hex[:8]}"
+    )
+    app = create_app(service=service)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, access_log=False))
+    async with asyncio.TaskGroup() as tg:
+        running = tg.create_task(service.run())
+        serving = tg.create_task(server.serve(sockets=[sock]))
+        try:
+            await service.wait_ready(15)
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}", service
+        finally:
+            server.should_exit = True
+            async with asyncio.timeout(15):
+                await serving
+            running.cancel()
+            sock.close()
+
+
+async def test_console_creates_incident_and_assigns_recommended_unit(
+    mqtt_settings: BrokerSettings, topic_space: TopicSpace
+) -> None:
+    chromium_binary()
+    space = topic_space
+    notices: asyncio.Queue[Notice] = asyncio.Queue()
+    async with (
+        dispatch_server(mqtt_settings, space) as (url, service),
+        aiomqtt.Client(mqtt_settings.host, mqtt_settings.port, identifier=f"t-{uuid.uuid4().hex[:8]}") as mqtt,
+        chromium() as cdp,
+    ):
+        await mqtt.subscribe(space.filter(Stream.NOTICE), qos=1)
+
+        async def pub(stream: Stream, owner: str, message: Any) -> None:
+            spec = STREAMS[stream]
+            await mqtt.publish(space.topic(stream, owner), encode(stream, message), qos=spec.qos, retain=spec.retain)
+
+        async def collect() -> None:
+            async for message in mqtt.messages:
+                assert isinstance(message.payload, bytes)
+                await notices.put(decode_as(Notice, space, message.topic.value, message.payload))
+
+        collector = asyncio.create_task(collect())
+        try:
+            now = utc_now()
+            for n, (unit, pos) in enumerate(UNITS.items()):
+                await pub(Stream.AVAILABILITY, unit, Availability(unit_id=unit, seq=1, sent_at=now, state="online"))
+                await pub(
+                    Stream.STATUS, unit, Status(unit_id=unit, seq=n, sent_at=now, status=CrewStatus.AVAILABLE, at=now)
+                )
+                fix = (
+                    GpsFix(unit_id=unit, seq=n, sent_at=now, fix=True, lat_deg=pos[0], lon_deg=pos[1])
+                    if pos
+                    else GpsFix(unit_id=unit, seq=n, sent_at=now, fix=False)
+                )
+                await pub(Stream.GPS, unit, fix)
+            async with asyncio.timeout(10), service.handled:
+                await service.handled.wait_for(lambda: sum(u.available for u in service.repo.units()) == 3)
+
+            target = await cdp.call("Target.createTarget", url="about:blank")
+            session = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
+            await cdp.call(
+                "Emulation.setDeviceMetricsOverride",
+                session,
+                width=1920,
+                height=1080,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
+            await cdp.call("Page.enable", session)
+            await cdp.call("Page.navigate", session, url=f"{url}/console")
+            await cdp.wait_event("Page.loadEventFired")
+            await cdp.wait_in_page(session, "window.ghConsole && window.ghConsole.ready()")
+            await cdp.wait_in_page(session, "document.querySelectorAll('#units li').length === 2")
+            nopos = await cdp.evaluate(session, "document.querySelector('#units-nopos').textContent")
+            assert "AMB9" in nopos
+            assert "no position" in nopos
+
+            # a real click on the map at the scene fills the form; the form creates the incident
+            point = await cdp.evaluate(session, f"window.ghConsole.toPixel({SCENE[0]}, {SCENE[1]})")
+            await cdp.click(session, point["x"], point["y"])
+            lat = float(await cdp.evaluate(session, "document.querySelector('#f-lat').value"))
+            lon = float(await cdp.evaluate(session, "document.querySelector('#f-lon').value"))
+            assert abs(lat - SCENE[0]) < 0.001
+            assert abs(lon - SCENE[1]) < 0.001
+            await cdp.evaluate(
+                session,
+                "(() => { document.querySelector('#f-complaint').value = 'chest pain';"
+                f" document.querySelector('#f-notes').value = {json.dumps(NOTE)};"
+                " document.querySelector('#f-priority').value = 'high';"
+                " document.querySelector('#f-case').value = 'stemi'; return true; })()",
+            )
+            await cdp.click_selector(session, "#f-submit")
+            await cdp.wait_in_page(
+                session,
+                "document.querySelectorAll('#rec-units li').length === 3 &&"
+                " !document.querySelector('#assign-best').disabled",
+            )
+            shown = await cdp.evaluate(
+                session,
+                "(() => ({ first: document.querySelector('#rec-units li').dataset.unit,"
+                " reasons: document.querySelector('#rec-units li .reasons').textContent,"
+                " dest: document.querySelector('#rec-dest li').textContent,"
+                " notes: document.querySelector('#d-notes').textContent,"
+                " imgs: document.querySelectorAll('#detail img').length,"
+                " pwned: window.__pwned === undefined ? null : window.__pwned }))()",
+            )
+            assert shown["first"] == "AMB2"
+            assert shown["reasons"].startswith("road ETA")
+            assert "Cardio" in shown["dest"] or "PCI" in shown["dest"]
+            assert shown["notes"] == NOTE
+            assert shown["imgs"] == 0
+            assert shown["pwned"] is None
+
+            await cdp.click_selector(session, "#assign-best")
+            async with asyncio.timeout(10):
+                notice = await notices.get()
+                while notice.kind is not NoticeKind.ASSIGNMENT:
+                    notice = await notices.get()
+            assert notice.unit_id == "AMB2"
+            incident = service.repo.incidents()[0]
+            assert (notice.incident_id, incident.unit_id) == (incident.incident_id, "AMB2")
+            await cdp.wait_in_page(
+                session,
+                "document.querySelector('#timeline tbody tr[data-point=unit_notified]') &&"
+                " document.querySelector('#d-state').textContent.startsWith('assigned')",
+            )
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = await cdp.call("Page.captureScreenshot", session, format="png")
+            (ARTIFACTS / "dispatch-console-1920x1080.png").write_bytes(base64.b64decode(shot["data"]))
+        finally:
+            collector.cancel()
+            with suppress(asyncio.CancelledError):
+                await collector
+            for unit in UNITS:
+                for stream in (Stream.STATUS, Stream.GPS, Stream.AVAILABILITY):
+                    await mqtt.publish(space.topic(stream, unit), b"", qos=1, retain=True)
