@@ -109,7 +109,8 @@ def test_every_stream_has_a_policy_and_a_decodable_model() -> None:
 
     assert set(STREAMS) == set(Stream)
     assert set(MODELS) == set(Stream) - {Stream.VIDEO}
-    assert STREAMS[Stream.AVAILABILITY].retain and STREAMS[Stream.STATUS].retain
+    assert STREAMS[Stream.AVAILABILITY].retain
+    assert STREAMS[Stream.STATUS].retain
     assert all(STREAMS[s].qos == 1 for s in Stream if s is not Stream.VIDEO)
     assert STREAMS[Stream.VIDEO].qos == 0
 
@@ -123,9 +124,7 @@ def test_no_module_outside_the_contract_spells_a_topic() -> None:
         text=True,
         check=False,
     )
-    offenders = [
-        line for line in out.stdout.splitlines() if not line.startswith(("broker_config/topics.py", "tests/"))
-    ]
+    offenders = [line for line in out.stdout.splitlines() if not line.startswith(("broker_config/topics.py", "tests/"))]
     assert offenders == []
 
 
@@ -172,7 +171,9 @@ def test_json_round_trip_of_every_kind() -> None:
         ),
         (
             Stream.ACK,
-            AlertAck(unit_id="AMB1", seq=0, sent_at=T0, alert_id="a1", hospital_id="H1", state=AlertState.ON_BOARD, at=T0),
+            AlertAck(
+                unit_id="AMB1", seq=0, sent_at=T0, alert_id="a1", hospital_id="H1", state=AlertState.ON_BOARD, at=T0
+            ),
         ),
     ]
     for stream, message in messages:
@@ -206,7 +207,9 @@ def test_ecg_chunk_is_lossless_on_a_real_record(encoding: int) -> None:
     back = decode_ecg(encode_ecg(chunk, encoding=encoding))
     assert np.array_equal(back.samples, chunk.samples)
     assert (back.fs_hz, back.leads, back.gain_adc_per_mv, back.baseline_adc) == (360.0, ("MLII", "V5"), 200.0, 1024)
-    assert back.start_at == chunk.start_at and back.seq == chunk.seq and back.unit_id == "AMB1"
+    assert back.start_at == chunk.start_at
+    assert back.seq == chunk.seq
+    assert back.unit_id == "AMB1"
 
 
 def test_ecg_compression_stays_under_one_byte_per_sample_on_mitbih() -> None:
@@ -269,8 +272,12 @@ def _malformed_cases() -> list[tuple[str, Stream, bytes, str]]:
     ]
 
 
-@pytest.mark.parametrize(("name", "stream", "payload", "reason"), _malformed_cases(), ids=lambda v: v if isinstance(v, str) else "")
-def test_malformed_payloads_are_rejected_with_a_clear_reason(name: str, stream: Stream, payload: bytes, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "stream", "payload", "reason"), _malformed_cases(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_malformed_payloads_are_rejected_with_a_clear_reason(
+    name: str, stream: Stream, payload: bytes, reason: str
+) -> None:
     topic = SPACE.unit("AMB1", stream)
     with pytest.raises(PayloadError) as info:
         decode(SPACE, topic, payload)
