@@ -185,7 +185,7 @@ class SseLog:
                 seen.update(c["unit_id"] for c in data["cards"])
             elif name == "alert":
                 seen.add(data["card"]["unit_id"])
-            else:
+            elif "unit_id" in data:  # idle "tick" events name no unit
                 seen.add(data["unit_id"])
         return seen
 
