@@ -1,0 +1,134 @@
+"""Replay of a WFDB ECG record as the in-vehicle monitor would stream it: fixed-length blocks of ADC samples."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import wfdb
+
+from ambulance_agent.sources.base import Clock, EcgBlock, Pacer, default_clock
+
+__all__ = ["WfdbEcgReplay"]
+
+logger = logging.getLogger(__name__)
+
+
+class WfdbEcgReplay:
+    """Streams a WFDB record's digital samples in blocks of ``chunk_s`` seconds, paced at ``pace`` x real time.
+
+    The record is read once with ``wfdb.rdrecord(..., physical=False, return_res=16)`` (PhysioNet WFDB format;
+    MIT-BIH: 360 Hz, 11-bit, 200 ADC units/mV).  Blocks carry exactly the record's samples, in order, shape
+    (n_leads, round(chunk_s * fs_hz)); block ``k`` is released when its last sample would have been acquired
+    (data offset ``(k + 1) * chunk_s``) and stamped ``start_at = clock() at start + k * chunk_s``.
+
+    Args:
+        record_path: record name without extension (``.../mitdb/100``).
+        chunk_s: block length in seconds (> 0).
+        start_s: offset into the record where the replay starts, seconds.
+        loop: at the end of the record, continue from its beginning (the sample stream stays continuous);
+            otherwise the last block may be shorter and the iteration ends.
+        pace: 1.0 real time, 20.0 twenty times faster, 0 as fast as possible.
+        stop_s: stop after this many seconds of data (None: the end of the record, or never when looping).
+        clock: UTC clock for the data's time stamps.
+        monotonic, sleep: injectable pacing primitives (tests).
+
+    Raises:
+        ValueError: bad arguments, a record whose leads disagree on gain or baseline (the contract's
+            EcgChunk has one of each), or samples that do not fit int16.
+        FileNotFoundError: no such record.
+    """
+
+    def __init__(
+        self,
+        record_path: Path,
+        *,
+        chunk_s: float = 1.0,
+        start_s: float = 0.0,
+        loop: bool = True,
+        pace: float = 1.0,
+        stop_s: float | None = None,
+        clock: Clock = default_clock,
+        monotonic: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        record = wfdb.rdrecord(str(record_path), physical=False, return_res=16)
+        if record.d_signal is None or record.fs is None:
+            raise ValueError("record has no digital signal or no sampling frequency")
+        self.fs_hz = float(record.fs)
+        self.leads: tuple[str, ...] = tuple(str(n) for n in record.sig_name)
+        gains = {float(g) for g in record.adc_gain}
+        baselines = {int(b) for b in record.baseline}
+        if len(gains) != 1 or len(baselines) != 1:
+            raise ValueError("leads with different ADC gain or baseline are not supported by EcgChunk")
+        self.gain_adc_per_mv = gains.pop()
+        self.baseline_adc = baselines.pop()
+        samples = np.asarray(record.d_signal)
+        if samples.dtype != np.int16:
+            if samples.min() < -32768 or samples.max() > 32767:
+                raise ValueError("record samples do not fit int16")
+            samples = samples.astype(np.int16)
+        self._samples = np.ascontiguousarray(samples.T)  # (n_leads, n)
+        self._samples.flags.writeable = False
+        if chunk_s <= 0 or start_s < 0 or (stop_s is not None and stop_s <= 0):
+            raise ValueError("chunk_s and stop_s must be > 0, start_s >= 0")
+        self.chunk_n = max(1, round(chunk_s * self.fs_hz))
+        self.start_index = round(start_s * self.fs_hz)
+        if self.start_index >= self.n_record_samples:
+            raise ValueError("start_s is beyond the end of the record")
+        self.loop = loop
+        self.stop_n = None if stop_s is None else round(stop_s * self.fs_hz)
+        self._pace = pace
+        Pacer(pace)  # validate now, not at the first iteration
+        self._clock = clock
+        self._pacer_kwargs = {k: v for k, v in (("monotonic", monotonic), ("sleep", sleep)) if v is not None}
+
+    @property
+    def n_record_samples(self) -> int:
+        """Samples per lead in the whole record."""
+        return int(self._samples.shape[1])
+
+    def record_samples(self) -> np.ndarray:
+        """The whole record's digital samples, read-only int16, shape (n_leads, n)."""
+        return self._samples
+
+    def __aiter__(self) -> AsyncIterator[EcgBlock]:
+        return self._blocks()
+
+    async def _blocks(self) -> AsyncIterator[EcgBlock]:
+        pacer = Pacer(self._pace, **self._pacer_kwargs)  # type: ignore[arg-type]
+        anchor = self._clock()
+        pacer.start()
+        total = self.n_record_samples
+        pos = self.start_index
+        emitted_n = 0
+        while True:
+            n = self.chunk_n
+            if self.stop_n is not None:
+                n = min(n, self.stop_n - emitted_n)
+            if not self.loop:
+                n = min(n, total - pos)
+            if n <= 0:
+                return
+            if pos + n <= total:
+                block = self._samples[:, pos : pos + n]
+            else:  # wrap around the end of the record: the stream stays continuous
+                block = np.concatenate((self._samples[:, pos:], self._samples[:, : pos + n - total]), axis=1)
+                block.flags.writeable = False
+            await pacer.until((emitted_n + n) / self.fs_hz)
+            yield EcgBlock(
+                start_at=anchor + timedelta(seconds=emitted_n / self.fs_hz),
+                fs_hz=self.fs_hz,
+                leads=self.leads,
+                gain_adc_per_mv=self.gain_adc_per_mv,
+                baseline_adc=self.baseline_adc,
+                samples=block,
+                sample_index=pos,
+            )
+            emitted_n += n
+            if not self.loop and pos + n >= total:
+                return
+            pos = (pos + n) % total

@@ -1,0 +1,154 @@
+"""The durable outbox: priority order, byte bound with ECG shed first, counters and messages across reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from ambulance_agent.outbox import Outbox
+from broker_config import STREAMS, Stream, TopicSpace
+
+SPACE = TopicSpace()
+UNIT = "amb12"
+
+
+def put(box: Outbox, stream: Stream, size: int = 10) -> int:
+    return box.put(stream, SPACE.topic(stream, UNIT), lambda seq: bytes([seq % 256]) * size)
+
+
+def test_order_is_priority_then_insertion(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    for stream in (Stream.GPS, Stream.ECG, Stream.VITALS, Stream.ECG, Stream.STATUS, Stream.PREALERT, Stream.GPS):
+        put(box, stream)
+    got = [(m.stream, m.seq) for m in box.pending(100)]
+    assert got == [
+        (Stream.PREALERT, 0),
+        (Stream.STATUS, 0),
+        (Stream.VITALS, 0),
+        (Stream.ECG, 0),
+        (Stream.ECG, 1),
+        (Stream.GPS, 0),
+        (Stream.GPS, 1),
+    ]
+    assert [STREAMS[s].priority for s, _ in got] == sorted(STREAMS[s].priority for s, _ in got)
+    first_two = box.pending(2)
+    assert [m.stream for m in box.pending(2, exclude_ids=[m.id for m in first_two])] == [Stream.VITALS, Stream.ECG]
+    msg = first_two[0]
+    assert (msg.qos, msg.retain, msg.topic) == (1, False, SPACE.topic(Stream.PREALERT, UNIT))
+    assert box.pending(1)[0].created_at_s > 0
+
+
+def test_ack_deletes_once_and_stats_follow(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", wall_clock_s=iter(range(1000, 2000)).__next__)
+    ids = []
+    for _ in range(3):
+        put(box, Stream.ECG, size=100)
+    ids = [m.id for m in box.pending(10)]
+    stats = box.stats()
+    assert (stats.count, stats.size_bytes, stats.oldest_created_at_s) == (3, 300, 1000.0)
+    assert box.ack(ids[0]) is True
+    assert box.ack(ids[0]) is False  # acknowledged twice (a duplicate PUBACK after a re-send)
+    stats = box.stats()
+    assert (stats.count, stats.size_bytes, stats.oldest_created_at_s) == (2, 200, 1001.0)
+    for i in ids[1:]:
+        box.ack(i)
+    assert box.stats().oldest_created_at_s is None
+    assert box.pending(10) == []
+
+
+def test_full_outbox_sheds_oldest_ecg_first_never_alerts_status_or_vitals(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=1000)
+    put(box, Stream.PREALERT, 100)
+    put(box, Stream.STATUS, 100)
+    put(box, Stream.VITALS, 100)
+    for _ in range(5):
+        put(box, Stream.ECG, 100)
+    put(box, Stream.GPS, 100)  # 900 bytes now
+    put(box, Stream.ECG, 100)  # 1000: fits exactly
+    put(box, Stream.VITALS, 150)  # needs 150 more: the two oldest ECG chunks go
+    remaining = [(m.stream, m.seq) for m in box.pending(100)]
+    assert (Stream.ECG, 0) not in remaining
+    assert (Stream.ECG, 1) not in remaining
+    assert [s for s in remaining if s[0] is Stream.ECG] == [(Stream.ECG, i) for i in range(2, 6)]
+    assert box.stats().shed == {"ecg": 2}
+    assert box.stats().size_bytes <= 1000
+    # fill with protected messages until no ECG is left: then GPS goes, then the bound is exceeded, never shed
+    for _ in range(10):
+        put(box, Stream.PREALERT, 100)
+    streams = [m.stream for m in box.pending(100)]
+    assert Stream.ECG not in streams
+    assert Stream.GPS not in streams
+    assert streams.count(Stream.PREALERT) == 11
+    assert streams.count(Stream.VITALS) == 2
+    assert streams.count(Stream.STATUS) == 1
+    # a new ECG chunk that cannot fit is itself shed; its seq is consumed (the store reports the gap)
+    assert put(box, Stream.ECG, 100) == -1
+    assert box.peek_seq(Stream.ECG) == 7
+
+
+def test_counters_and_backlog_survive_reopen_and_seq_is_never_reused(tmp_path: Path) -> None:
+    path = tmp_path / "agent" / "outbox.db"
+    box = Outbox(path)
+    assert [box.next_session() for _ in range(3)] == [0, 1, 2]
+    for _ in range(4):
+        put(box, Stream.ECG)
+    put(box, Stream.VITALS)
+    for m in box.pending(2):
+        box.ack(m.id)  # vitals 0 and ECG 0 delivered
+    box.close()
+    box.close()  # idempotent
+
+    again = Outbox(path)
+    assert again.next_session() == 3
+    assert [(m.stream, m.seq) for m in again.pending(10)] == [(Stream.ECG, 1), (Stream.ECG, 2), (Stream.ECG, 3)]
+    assert again.stats().count == 3
+    assert put(again, Stream.ECG) == 4
+    assert put(again, Stream.VITALS) == 1
+    assert again.peek_seq(Stream.GPS) == 0
+    # the file is in WAL mode
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_failed_encoding_consumes_no_seq(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+
+    def boom(seq: int) -> bytes:
+        raise ValueError("cannot encode")
+
+    with pytest.raises(ValueError):
+        box.put(Stream.VITALS, SPACE.topic(Stream.VITALS, UNIT), boom)
+    assert put(box, Stream.VITALS) == 0
+    with pytest.raises(ValueError):
+        box.put(Stream.VIDEO, SPACE.topic(Stream.VIDEO, UNIT), lambda seq: b"x")
+
+
+def test_concurrent_writers_get_unique_consecutive_seqs(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(50):
+            seq = put(box, Stream.ECG)
+            with lock:
+                seqs.append(seq)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(seqs) == list(range(200))
+
+
+def test_a_corrupt_file_is_refused_with_an_outbox_error(tmp_path: Path) -> None:
+    from ambulance_agent.outbox import OutboxError
+
+    path = tmp_path / "o.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(OutboxError):
+        Outbox(path)
