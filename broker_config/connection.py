@@ -37,6 +37,14 @@ OnMessage = Callable[[aiomqtt.Message], Awaitable[None] | None]
 _AUTH_CODES = {4, 5, 0x86, 0x87, 0x8C}  # v3.1.1 bad credentials / not authorised; v5 same meanings
 
 
+def _reraise_if_cancelling() -> None:
+    """Python 3.11's ``asyncio.wait_for`` (used inside aiomqtt) can swallow a cancellation that lands with a
+    CONNACK or PUBACK, and an MqttError raised while disconnecting can replace it: never reconnect after a cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class NotConnectedError(ConnectionError):
     """Publishing while the broker link is down: the caller keeps the message (outbox) and retries."""
 
@@ -157,6 +165,7 @@ class MqttLink:
                     self.sessions += 1
                     if on_connect is not None:
                         await on_connect(client)
+                    _reraise_if_cancelling()
                     self.connected.set()
                     logger.info("mqtt connected client=%s broker=%s", self.client_id, self.settings.url)
                     async for message in client.messages:
@@ -171,10 +180,12 @@ class MqttLink:
                             size = len(message.payload or b"")
                             logger.warning("handler failed topic=%s bytes=%d", message.topic, size)
             except aiomqtt.MqttCodeError as exc:
+                _reraise_if_cancelling()
                 if getattr(exc, "rc", None) in _AUTH_CODES:
                     raise AuthError(f"broker refused client {self.client_id}: not authorised") from None
                 logger.warning("mqtt link lost client=%s reason=%s", self.client_id, exc)
             except aiomqtt.MqttError as exc:
+                _reraise_if_cancelling()
                 logger.warning("mqtt link lost client=%s reason=%s", self.client_id, exc)
             finally:
                 self._client = None

@@ -134,6 +134,22 @@ class MosquittoProcess:
         return BrokerSettings(host="127.0.0.1", port=self.port, reconnect_min_s=0.1, reconnect_max_s=1.0)
 
 
+def _hand_to_broker_user(*dirs: Path) -> None:
+    """Started as root, Mosquitto drops to the ``mosquitto`` user: its persistence folder must be that user's, or
+    the broker loses every persistent session at shutdown with only a "Permission denied" line (FF-02)."""
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    try:
+        pw = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    for d in dirs:
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        d.chmod(0o755)
+
+
 @pytest.fixture
 def private_mosquitto() -> Iterator[type[MosquittoProcess]]:
     """Factory for private Mosquitto processes (for restart and configuration tests); all stopped at the end."""
@@ -146,6 +162,7 @@ def private_mosquitto() -> Iterator[type[MosquittoProcess]]:
         def __init__(self, config_text: str) -> None:
             d = tmp / uuid.uuid4().hex[:8]
             d.mkdir()
+            _hand_to_broker_user(tmp, d)
             super().__init__(config_text, d)
             started.append(self)
 
