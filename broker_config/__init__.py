@@ -36,6 +36,7 @@ from broker_config.payloads import (
     PreAlert,
     Priority,
     Status,
+    StoreReceipt,
     Vitals,
     utc_now,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "RejectKind",
     "Scope",
     "Status",
+    "StoreReceipt",
     "Stream",
     "StreamSpec",
     "TopicError",

@@ -81,8 +81,8 @@ UNIT_STREAMS: frozenset[Stream] = frozenset(s for s, spec in STREAMS.items() if 
 
 ROLE_RIGHTS: Mapping[Role, Rights] = MappingProxyType(
     {
-        Role.UNIT: Rights(reads=frozenset({Stream.NOTICE}), writes=UNIT_STREAMS, own_only=True),
-        Role.INGEST: Rights(reads=UNIT_STREAMS, writes=frozenset({Stream.GAP})),
+        Role.UNIT: Rights(reads=frozenset({Stream.NOTICE, Stream.RECEIPT}), writes=UNIT_STREAMS, own_only=True),
+        Role.INGEST: Rights(reads=UNIT_STREAMS, writes=frozenset({Stream.GAP, Stream.RECEIPT})),
         Role.DISPATCH: Rights(
             reads=frozenset({Stream.PREALERT, Stream.GPS, Stream.STATUS, Stream.AVAILABILITY, Stream.ACK}),
             writes=frozenset({Stream.ALERT, Stream.NOTICE}),

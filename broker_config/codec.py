@@ -58,6 +58,7 @@ from broker_config.payloads import (
     Notice,
     PreAlert,
     Status,
+    StoreReceipt,
     Vitals,
 )
 from broker_config.topics import STREAMS, ParsedTopic, Scope, Stream, TopicError, TopicSpace
@@ -113,6 +114,7 @@ MODELS: dict[Stream, type[BaseModel]] = {
     Stream.ALERT: HospitalAlert,
     Stream.ACK: AlertAck,
     Stream.GAP: GapRecord,
+    Stream.RECEIPT: StoreReceipt,
 }
 """Payload model of each stream (video frames are opaque JPEG/H.264 bytes with their own header)."""
 

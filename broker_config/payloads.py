@@ -41,6 +41,7 @@ __all__ = [
     "PreAlert",
     "Priority",
     "Status",
+    "StoreReceipt",
     "Vitals",
     "utc_now",
 ]
@@ -381,6 +382,15 @@ class Notice(Envelope):
 
 
 # --- telemetry store -> everyone ----------------------------------------------------------------------------------
+
+
+class StoreReceipt(Envelope):
+    """The telemetry store's delivery receipt for one unit (retained): per stream, the highest sequence number up
+    to which every message is durably stored (``-1`` = none yet).  The crew screen shows "stored" from it.
+    ``seq`` is the store's own counter for this unit's receipts."""
+
+    stored_through_seq: dict[Annotated[str, Field(max_length=16)], Annotated[int, Field(ge=-1)]]
+    stored_at: UtcDatetime
 
 
 class GapRecord(Envelope):

@@ -6,7 +6,7 @@ Grammar (version 1)::
                                                                        prealert, video)
     {prefix}ems/v1/dispatch/{unit_id}/{stream}    dispatch -> unit   (notice)
     {prefix}ems/v1/hospital/{hospital_id}/{stream} dispatch <-> ED   (alert: dispatch -> board, ack: board -> dispatch)
-    {prefix}ems/v1/telemetry/{unit_id}/{stream}   store -> everyone  (gap)
+    {prefix}ems/v1/telemetry/{unit_id}/{stream}   store -> everyone  (gap, receipt)
 
 Topics carry opaque ids only (``[A-Za-z0-9_-]{1,32}``), never a patient's name or any clinical value:
 topics appear in broker logs and ACLs (DOMAIN.md section 11).
@@ -19,6 +19,7 @@ QoS and retain policy (one place, :data:`STREAMS`):
 * ``availability``: QoS 1, retained.  Birth ``online`` published after (re)subscribing; last will
   ``offline`` (Sparkplug B / Home Assistant model).
 * ``status``, ``gps``: QoS 1, retained, so a board or dispatcher that starts late sees every unit at once.
+* ``receipt``: QoS 1, retained: the store's latest delivery receipt for a unit (what is durably stored).
 * ``vitals``, ``ecg``, ``prealert``, ``notice``, ``alert``, ``ack``, ``gap``: QoS 1, not retained.
   ECG is QoS 1 (not QoS 0 as in some telemetry designs) because GoldenHour promises that every
   sequence number of every non-video stream reaches the store exactly once; duplicates that QoS 1 may
@@ -86,6 +87,7 @@ class Stream(StrEnum):
     ALERT = "alert"
     ACK = "ack"
     GAP = "gap"
+    RECEIPT = "receipt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,7 @@ STREAMS: dict[Stream, StreamSpec] = {
         StreamSpec(Stream.ALERT, Scope.HOSPITAL, qos=1, retain=False, max_payload_bytes=16_384, priority=0),
         StreamSpec(Stream.ACK, Scope.HOSPITAL, qos=1, retain=False, max_payload_bytes=4_096, priority=0),
         StreamSpec(Stream.GAP, Scope.TELEMETRY, qos=1, retain=False, max_payload_bytes=4_096, priority=1),
+        StreamSpec(Stream.RECEIPT, Scope.TELEMETRY, qos=1, retain=True, max_payload_bytes=4_096, priority=1),
     )
 }
 

@@ -124,7 +124,7 @@ def test_topic_prefix_reaches_every_line(prefix: str) -> None:
 UNIT_WRITES = {Stream.AVAILABILITY, Stream.STATUS, Stream.VITALS, Stream.ECG, Stream.GPS, Stream.PREALERT, Stream.VIDEO}
 EXPECTED: dict[Role, tuple[set[Stream], set[Stream]]] = {
     # role: (reads from any owner, writes to any owner)
-    Role.INGEST: (UNIT_WRITES, {Stream.GAP}),
+    Role.INGEST: (UNIT_WRITES, {Stream.GAP, Stream.RECEIPT}),
     Role.DISPATCH: (
         {Stream.PREALERT, Stream.GPS, Stream.STATUS, Stream.AVAILABILITY, Stream.ACK},
         {Stream.ALERT, Stream.NOTICE},
@@ -160,12 +160,12 @@ def test_service_rights_match_the_brief(acl_text: str, role: Role) -> None:
         assert allowed(rights, role.value, topic, "write") == (stream in writes), (role, stream, "write")
 
 
-def test_a_unit_writes_only_its_own_unit_streams_and_reads_only_its_own_notice(acl_text: str) -> None:
+def test_a_unit_writes_only_its_own_unit_streams_and_reads_only_its_own_notices_and_receipts(acl_text: str) -> None:
     rights = parse_acl(acl_text)
     for stream in STREAMS:
         own, other = concrete(SPACE, stream, "AMB1"), concrete(SPACE, stream, "AMB2")
         assert allowed(rights, "AMB1", own, "write") == (stream in UNIT_WRITES), stream
-        assert allowed(rights, "AMB1", own, "read") == (stream is Stream.NOTICE), stream
+        assert allowed(rights, "AMB1", own, "read") == (stream in {Stream.NOTICE, Stream.RECEIPT}), stream
         assert not allowed(rights, "AMB1", other, "write"), stream
         assert not allowed(rights, "AMB1", other, "read"), stream
 
@@ -191,7 +191,9 @@ def test_unknown_accounts_get_nothing(acl_text: str) -> None:
 
 def test_grants_of_a_unit_are_exactly_its_streams() -> None:
     grants = grants_for(SPACE, Role.UNIT, "AMB1")
-    assert {g.topic_filter for g in grants} == {SPACE.topic(s, "AMB1") for s in UNIT_WRITES | {Stream.NOTICE}}
+    assert {g.topic_filter for g in grants} == {
+        SPACE.topic(s, "AMB1") for s in UNIT_WRITES | {Stream.NOTICE, Stream.RECEIPT}
+    }
 
 
 # --- generation rules ------------------------------------------------------------------------------------------
