@@ -19,12 +19,14 @@ from dispatch.errors import (
 )
 from dispatch.hospitals import Capabilities, Hospital, HospitalRegistry, HospitalSnapshot, HospitalStatus
 from dispatch.routing import RoadRouter, Route
+from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
 from dispatch.settings import DispatchSettings
 
 __all__ = [
     "Capabilities",
     "DispatchError",
+    "DispatchSecurity",
     "DispatchService",
     "DispatchSettings",
     "Hospital",

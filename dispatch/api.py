@@ -4,7 +4,14 @@
 lifespan and runs the service there; ``create_app(service=...)`` serves an existing service that the caller
 runs.  Responses are the pydantic models of :mod:`dispatch.schemas`, never internal objects; domain errors are
 mapped to HTTP status codes here only (404 unknown hospital or alert, 422 bad coordinates, 503 no road graph).
-Incidents, assignments, case timelines, reports, the road map and the console: :mod:`dispatch.cases_api`.
+Incidents, assignments, case timelines, reports, the road map and the console: :mod:`dispatch.cases_api`;
+sign-in, accounts and the audit trail: :mod:`dispatch.auth_api`.
+
+Security (:mod:`dispatch.security`): every route but ``/api/health``, sign-in and the console's static files needs
+a valid access token (401 otherwise) and a role that may use it (403 otherwise).  ED staff and department on-call
+see only alerts, units and cases inbound to their hospital, crew only their unit's; a read of a patient's data
+by a person (alert detail, incident, case timeline, case export) is appended to the audit trail before the answer
+leaves, as is every change (hospital status, incident, assignment, cancellation, hospital time point).
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 
 from broker_config import Priority, TopicSpace, utc_now
+from broker_config.identity import Role
+from dispatch.audit import AuditAction
+from dispatch.auth_api import auth_router
 from dispatch.cases_api import cases_router
 from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
 from dispatch.errors import RoutingError, StoreError, UnknownHospitalError
@@ -42,6 +52,7 @@ from dispatch.schemas import (
     TimelineEventPublic,
     UnitPublic,
 )
+from dispatch.security import AnyCaller, Caller, DispatchSecurity, SecurityRuntime, forbidden, record, require
 from dispatch.service import DispatchService
 from dispatch.settings import DispatchSettings
 from dispatch.sql_repository import open_repository
@@ -210,12 +221,25 @@ def _service(request: Request) -> DispatchService:
 
 
 ServiceDep = Annotated[DispatchService, Depends(_service)]
+_ALL_ROLES = tuple(Role)
+AlertReader = Annotated[Caller, Depends(require(*_ALL_ROLES))]
+StatusWriter = Annotated[
+    Caller, Depends(require(Role.DISPATCHER, Role.ADMINISTRATOR, Role.ED_STAFF, Role.DEPARTMENT_ONCALL))
+]
+UnitReader = Annotated[Caller, Depends(require(*_ALL_ROLES))]
+Recommender = Annotated[Caller, Depends(require(Role.DISPATCHER, Role.ADMINISTRATOR, Role.CREW))]
+
+
+def alert_visible(caller: Caller, alert: AlertRecord) -> bool:
+    """Whether the caller may see this alert (its unit's crew, its hospital's staff, regional roles)."""
+    return caller.claims.may_see_unit(alert.unit_id, (alert.hospital_id,))
 
 
 def create_app(
     settings: DispatchSettings | None = None,
     *,
     service: DispatchService | None = None,
+    security: DispatchSecurity | None = None,
     registry: HospitalRegistry | None = None,
     router: RoadRouter | None = None,
 ) -> FastAPI:
@@ -223,10 +247,18 @@ def create_app(
 
     Give ``settings`` for an app that owns its :class:`DispatchService` (built and run in the lifespan, stopped
     at shutdown; ``registry``/``router`` may be passed pre-built), or ``service`` to serve a service the caller
-    runs.  Raises ValueError when neither or both are given.
+    runs.  ``security`` is required with ``service`` (``DispatchSecurity.development()`` for the demo and tests);
+    with ``settings`` it defaults to :meth:`DispatchSecurity.from_settings`.
+
+    Raises:
+        ValueError: neither or both of settings and service, or ``service`` without ``security``.
     """
     if (settings is None) == (service is None):
         raise ValueError("give exactly one of settings or service")
+    if security is None:
+        if settings is None:
+            raise ValueError("give security= (DispatchSecurity) with service=: there is no insecure default")
+        security = DispatchSecurity.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -250,6 +282,8 @@ def create_app(
     )
     if service is not None:
         app.state.service = service
+    app.state.security = SecurityRuntime(security)
+    app.include_router(auth_router())
     app.include_router(cases_router())
 
     @app.get("/api/health", tags=["health"])
@@ -268,7 +302,7 @@ def create_app(
         )
 
     @app.get("/api/hospitals", tags=["hospitals"])
-    async def hospitals(svc: ServiceDep) -> list[HospitalPublic]:
+    async def hospitals(svc: ServiceDep, caller: AnyCaller) -> list[HospitalPublic]:
         """Every hospital with capabilities and the live status in force now."""
         now = utc_now()
         return [_hospital_public(s.hospital, s.status) for s in svc.registry.snapshot(now)]
@@ -278,8 +312,14 @@ def create_app(
         tags=["hospitals"],
         responses={404: {"description": "unknown hospital"}, 422: {"description": "invalid change"}},
     )
-    async def set_hospital_status(hospital_id: str, change: HospitalStatusUpdate, svc: ServiceDep) -> HospitalPublic:
-        """Set diversion, cath-lab availability or free ED spaces; records who and when, optionally until when."""
+    async def set_hospital_status(
+        hospital_id: str, change: HospitalStatusUpdate, svc: ServiceDep, caller: StatusWriter
+    ) -> HospitalPublic:
+        """Set diversion, cath-lab availability or free ED spaces; records who and when, optionally until when.
+
+        Dispatchers and administrators for any hospital; ED staff and department on-call for their own."""
+        if not caller.claims.may_see_hospital(hospital_id):
+            raise forbidden("another hospital's status")
         now = utc_now()
         if change.until is not None and change.until <= now:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "until must be in the future")
@@ -297,29 +337,51 @@ def create_app(
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown hospital") from None
         except StoreError:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "dispatch database unavailable") from None
+        await record(
+            svc, caller, AuditAction.HOSPITAL_STATUS_UPDATE, read=False, object_type="hospital",
+            object_id=hospital_id, hospital_id=hospital_id,
+            detail=",".join(k for k, v in change.model_dump(exclude={"set_by"}).items() if v is not None),
+        )  # fmt: skip
         return _hospital_public(svc.registry.get(hospital_id), new)
 
     @app.get("/api/units", tags=["units"])
-    async def units(svc: ServiceDep) -> list[UnitPublic]:
-        """Every unit seen on the bus: last status, last position and its age, availability."""
+    async def units(svc: ServiceDep, caller: UnitReader) -> list[UnitPublic]:
+        """Every unit seen on the bus: last status, last position and its age, availability (crew: their own unit;
+        ED staff and on-call: units inbound to their hospital)."""
         now = utc_now()
-        return [_unit_public(u, now) for u in svc.repo.units()]
+        return [
+            _unit_public(u, now)
+            for u in svc.repo.units()
+            if caller.claims.may_see_unit(u.unit_id, (u.destination_hospital_id,))
+        ]
 
     @app.get("/api/alerts", tags=["alerts"])
-    async def alerts(svc: ServiceDep) -> list[AlertPublic]:
-        """Every pre-alert, newest first."""
-        return [AlertPublic.model_validate(_alert_fields(a)) for a in svc.repo.alerts()]
+    async def alerts(svc: ServiceDep, caller: AlertReader) -> list[AlertPublic]:
+        """Every pre-alert the caller may see, newest first (scoped to the hospital or unit of the token)."""
+        return [AlertPublic.model_validate(_alert_fields(a)) for a in svc.repo.alerts() if alert_visible(caller, a)]
 
-    @app.get("/api/alerts/{alert_id}", tags=["alerts"], responses={404: {"description": "unknown alert"}})
-    async def alert(alert_id: str, svc: ServiceDep) -> AlertDetailPublic:
-        """One alert with its findings, ranking, acknowledgements and timeline."""
-        record = svc.repo.alert(alert_id)
-        if record is None:
+    @app.get(
+        "/api/alerts/{alert_id}",
+        tags=["alerts"],
+        responses={403: {"description": "another hospital's or unit's"}, 404: {"description": "unknown alert"}},
+    )
+    async def alert(alert_id: str, svc: ServiceDep, caller: AlertReader) -> AlertDetailPublic:
+        """One alert with its findings, ranking, acknowledgements and timeline (a person's read is audited)."""
+        found = svc.repo.alert(alert_id)
+        if found is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown alert")
-        return _alert_detail(record)
+        if not alert_visible(caller, found):
+            raise forbidden("another hospital's or unit's alert")
+        if caller.claims.is_person:
+            await record(
+                svc, caller, AuditAction.ALERT_READ, read=True, object_type="alert", object_id=alert_id,
+                alert_id=alert_id, unit_id=found.unit_id, incident_id=found.incident_id,
+                hospital_id=found.hospital_id,
+            )  # fmt: skip
+        return _alert_detail(found)
 
     @app.post("/api/destinations/recommend", tags=["destinations"])
-    async def recommend(body: RecommendRequest, svc: ServiceDep) -> RecommendResponse:
+    async def recommend(body: RecommendRequest, svc: ServiceDep, caller: Recommender) -> RecommendResponse:
         """Rank destinations for a case type, findings and position, with reasons (DOMAIN.md section 5)."""
         now = utc_now()
         position = (body.position.lat_deg, body.position.lon_deg) if body.position else None
@@ -342,6 +404,7 @@ def create_app(
     )
     async def route(
         svc: ServiceDep,
+        caller: AnyCaller,
         from_: Annotated[str, Query(alias="from", description="start 'lat,lon' in degrees")],
         to: Annotated[str, Query(description="end 'lat,lon' in degrees")],
     ) -> RoutePublic:

@@ -7,6 +7,11 @@ Mounted by :func:`dispatch.api.create_app`.  Domain errors map to status codes h
   body, a hospital time point out of order with the NEMSIS / pathway ordering rules, a bad month);
 * 503: the dispatch database refused or is unreachable (the action may not have been stored).
 
+Roles (:mod:`dispatch.security`): dispatchers and administrators open, assign and cancel incidents; ED staff and
+department on-call read the cases inbound to their hospital and record its time points; crew read their unit's;
+quality managers read every case and the reports.  Reads of a case (incident, timeline, export) by a person and
+every change are audited.
+
 Sources of the rules and targets: NEMSIS v3.5 eTimes (ordering), ACC/AHA and ESC STEMI, AHA/ASA stroke and the
 China CPC indicators (DOMAIN.md section 4, :data:`dispatch.timeline.INTERVALS`).
 """
@@ -23,6 +28,8 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, Response
 
 from broker_config import CaseType, Findings
+from broker_config.identity import Role
+from dispatch.audit import AuditAction
 from dispatch.cases import AssignResult
 from dispatch.destination import rank_destinations
 from dispatch.errors import (
@@ -57,6 +64,7 @@ from dispatch.schemas import (
     UnitRecommendationPublic,
     UnitRecommendResponse,
 )
+from dispatch.security import AnyCaller, Caller, forbidden, record, require
 from dispatch.service import DispatchService
 from dispatch.timeline import NEMSIS_ETIMES, TimePoint, case_csv, compute_intervals, first_times, summarise
 
@@ -68,6 +76,7 @@ _FUTURE_SLACK = timedelta(minutes=5)
 _STATIC = {
     "console.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
+    "login.js": "text/javascript; charset=utf-8",
 }
 
 
@@ -78,6 +87,45 @@ def _service(request: Request) -> DispatchService:
 
 ServiceDep = Annotated[DispatchService, Depends(_service)]
 MonthQuery = Annotated[str, Query(description="YYYY-MM (UTC)")]
+Dispatcher = Annotated[Caller, Depends(require(Role.DISPATCHER, Role.ADMINISTRATOR))]
+CaseReader = Annotated[
+    Caller,
+    Depends(
+        require(
+            Role.DISPATCHER, Role.ADMINISTRATOR, Role.QUALITY_MANAGER, Role.ED_STAFF, Role.DEPARTMENT_ONCALL, Role.CREW
+        )
+    ),
+]
+CaseWriter = Annotated[
+    Caller, Depends(require(Role.DISPATCHER, Role.ADMINISTRATOR, Role.ED_STAFF, Role.DEPARTMENT_ONCALL))
+]
+ReportReader = Annotated[Caller, Depends(require(Role.QUALITY_MANAGER, Role.ADMINISTRATOR, Role.DISPATCHER))]
+Exporter = Annotated[Caller, Depends(require(Role.QUALITY_MANAGER, Role.ADMINISTRATOR))]
+
+
+_READS = frozenset({AuditAction.INCIDENT_READ, AuditAction.CASE_TIMELINE_READ, AuditAction.REPORT_EXPORT})
+
+
+def incident_hospitals(svc: DispatchService, i: IncidentRecord) -> tuple[str | None, ...]:
+    """The hospitals a case is inbound to: its pre-selected destination and its alert's hospital."""
+    alert = svc.repo.alert(i.alert_id) if i.alert_id else None
+    return (i.destination_hospital_id, alert.hospital_id if alert else None)
+
+
+def incident_visible(svc: DispatchService, caller: Caller, i: IncidentRecord) -> bool:
+    """Whether the caller may see this case: regional roles all; crew their unit's; hospital staff theirs."""
+    return caller.claims.may_see_unit(i.unit_id or "", incident_hospitals(svc, i))
+
+
+async def _audit_case(
+    svc: DispatchService, caller: Caller, action: AuditAction, i: IncidentRecord, **extra: str
+) -> None:
+    hospitals = [h for h in incident_hospitals(svc, i) if h]
+    await record(
+        svc, caller, action, read=action in _READS, object_type="incident",
+        object_id=i.incident_id, incident_id=i.incident_id, unit_id=i.unit_id, alert_id=i.alert_id,
+        hospital_id=hospitals[-1] if hospitals else None, **extra,
+    )  # fmt: skip
 
 
 def _incident_public(i: IncidentRecord) -> IncidentPublic:
@@ -169,7 +217,7 @@ def cases_router() -> APIRouter:
         status_code=status.HTTP_201_CREATED,
         responses={422: {"description": "coordinates out of range, (0, 0), off the road network; unknown hospital"}},
     )
-    async def create_incident(body: IncidentCreate, svc: ServiceDep) -> IncidentPublic:
+    async def create_incident(body: IncidentCreate, svc: ServiceDep, caller: Dispatcher) -> IncidentPublic:
         """Open an incident at (lat, lon) degrees WGS 84; records NEMSIS eTimes.01 (call received)."""
         position = (body.lat_deg, body.lon_deg)
         if not valid_position_deg(position):
@@ -203,30 +251,45 @@ def cases_router() -> APIRouter:
             ) from None
         except StoreError:
             raise _store_unavailable() from None
+        detail = f"destination={body.destination_hospital_id}" if body.destination_hospital_id else ""
+        await _audit_case(svc, caller, AuditAction.INCIDENT_CREATE, incident, detail=detail)
         return _incident_public(incident)
 
     @router.get("/api/incidents", tags=["incidents"])
     async def incidents(
         svc: ServiceDep,
+        caller: CaseReader,
         state: Annotated[str | None, Query(pattern="^(open|assigned|closed|cancelled)$")] = None,
     ) -> list[IncidentPublic]:
-        """Every incident, newest first; ``state`` filters."""
-        return [_incident_public(i) for i in svc.repo.incidents() if state is None or i.state.value == state]
+        """Every incident the caller may see, newest first; ``state`` filters."""
+        return [
+            _incident_public(i)
+            for i in svc.repo.incidents()
+            if (state is None or i.state.value == state) and incident_visible(svc, caller, i)
+        ]
+
+    def _visible_case(svc: DispatchService, caller: Caller, incident_id: str, what: str) -> IncidentRecord:
+        try:
+            found = svc.cases.get(incident_id)
+        except UnknownIncidentError:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown {what}") from None
+        if not incident_visible(svc, caller, found):
+            raise forbidden(f"another hospital's or unit's {what}")
+        return found
 
     @router.get("/api/incidents/{incident_id}", tags=["incidents"], responses={404: {"description": "unknown"}})
-    async def incident(incident_id: str, svc: ServiceDep) -> IncidentPublic:
-        """One incident with its assignments."""
-        try:
-            return _incident_public(svc.cases.get(incident_id))
-        except UnknownIncidentError:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown incident") from None
+    async def incident(incident_id: str, svc: ServiceDep, caller: CaseReader) -> IncidentPublic:
+        """One incident with its assignments (a person's read is audited)."""
+        found = _visible_case(svc, caller, incident_id, "incident")
+        await _audit_case(svc, caller, AuditAction.INCIDENT_READ, found)
+        return _incident_public(found)
 
     @router.get(
         "/api/incidents/{incident_id}/recommend-units",
         tags=["incidents"],
         responses={404: {"description": "unknown incident"}},
     )
-    async def recommend(incident_id: str, svc: ServiceDep) -> UnitRecommendResponse:
+    async def recommend(incident_id: str, svc: ServiceDep, caller: Dispatcher) -> UnitRecommendResponse:
         """Available units ranked by road ETA to the incident (one reverse Dijkstra search), with reasons; units
         without a position listed last as "no position"; and the destination ranking for the incident's pathway."""
         try:
@@ -275,11 +338,11 @@ def cases_router() -> APIRouter:
             409: {"description": "unit not available, or incident closed/cancelled"},
         },
     )
-    async def assign(incident_id: str, body: AssignRequest, svc: ServiceDep) -> AssignResponse:
+    async def assign(incident_id: str, body: AssignRequest, svc: ServiceDep, caller: Dispatcher) -> AssignResponse:
         """Assign a unit: Notice(kind=assignment) to it, eTimes.02/.03; the unit assigned before (if another) gets
         Notice(kind=assignment_cancelled)."""
         try:
-            return _assign_public(await svc.cases.assign(incident_id, body.unit_id, body.by))
+            result = await svc.cases.assign(incident_id, body.unit_id, body.by)
         except UnknownIncidentError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown incident") from None
         except UnknownUnitError:
@@ -288,32 +351,39 @@ def cases_router() -> APIRouter:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         except StoreError:
             raise _store_unavailable() from None
+        previous = f" previous={result.previous_unit_id}" if result.previous_unit_id else ""
+        await _audit_case(
+            svc, caller, AuditAction.INCIDENT_ASSIGN, result.incident, detail=f"unit={body.unit_id}{previous}"
+        )
+        return _assign_public(result)
 
     @router.post(
         "/api/incidents/{incident_id}/cancel",
         tags=["incidents"],
         responses={404: {"description": "unknown incident"}, 409: {"description": "already closed or cancelled"}},
     )
-    async def cancel(incident_id: str, body: CancelRequest, svc: ServiceDep) -> AssignResponse:
+    async def cancel(incident_id: str, body: CancelRequest, svc: ServiceDep, caller: Dispatcher) -> AssignResponse:
         """Cancel the incident; its unit gets Notice(kind=assignment_cancelled)."""
         try:
-            return _assign_public(await svc.cases.cancel(incident_id, body.by))
+            result = await svc.cases.cancel(incident_id, body.by)
         except UnknownIncidentError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown incident") from None
         except IncidentClosedError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         except StoreError:
             raise _store_unavailable() from None
+        await _audit_case(svc, caller, AuditAction.INCIDENT_CANCEL, result.incident)
+        return _assign_public(result)
 
     # --- cases ---------------------------------------------------------------------------------------------------
 
     @router.get("/api/cases/{case_id}/timeline", tags=["cases"], responses={404: {"description": "unknown case"}})
-    async def timeline(case_id: str, svc: ServiceDep) -> CaseTimelinePublic:
-        """The case's time points in order (NEMSIS element, source, clock offset, flags) and its intervals."""
-        try:
-            return _timeline_public(svc.cases.get(case_id))
-        except UnknownIncidentError:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown case") from None
+    async def timeline(case_id: str, svc: ServiceDep, caller: CaseReader) -> CaseTimelinePublic:
+        """The case's time points in order (NEMSIS element, source, clock offset, flags) and its intervals
+        (a person's read is audited)."""
+        found = _visible_case(svc, caller, case_id, "case")
+        await _audit_case(svc, caller, AuditAction.CASE_TIMELINE_READ, found)
+        return _timeline_public(found)
 
     @router.post(
         "/api/cases/{case_id}/events",
@@ -325,13 +395,18 @@ def cases_router() -> APIRouter:
             422: {"description": "out of order, in the future, or unknown hospital"},
         },
     )
-    async def add_event(case_id: str, body: CaseEventIn, svc: ServiceDep) -> CaseTimelinePublic:
+    async def add_event(case_id: str, body: CaseEventIn, svc: ServiceDep, caller: CaseWriter) -> CaseTimelinePublic:
         """Record a hospital time point (door, device, needle, CT start).  One that breaks an ordering rule (for
-        example a device time before the door) is refused with 422 and the rules it breaks."""
+        example a device time before the door) is refused with 422 and the rules it breaks.  ED staff and
+        department on-call record only for their own hospital's cases."""
+        found = _visible_case(svc, caller, case_id, "case")
+        if caller.claims.hospital_scoped and body.hospital_id not in (None, caller.claims.hospital_id):
+            raise forbidden("time points of another hospital")
         if body.at > svc.clock() + _FUTURE_SLACK:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "time point is in the future")
         try:
             await svc.cases.add_hospital_event(case_id, TimePoint(body.point), body.at, hospital_id=body.hospital_id)
+            await _audit_case(svc, caller, AuditAction.CASE_EVENT_ADD, found, detail=f"point={body.point}")
             return _timeline_public(svc.cases.get(case_id))
         except UnknownIncidentError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown case") from None
@@ -353,7 +428,7 @@ def cases_router() -> APIRouter:
 
     @router.get("/api/reports/monthly", tags=["reports"], responses={422: {"description": "bad month"}})
     async def monthly(
-        svc: ServiceDep, month: Annotated[str, Query(description="YYYY-MM (UTC)")]
+        svc: ServiceDep, caller: ReportReader, month: Annotated[str, Query(description="YYYY-MM (UTC)")]
     ) -> MonthlyReportPublic:
         """Median and compliance % of each interval over the month's cases (by call received, UTC)."""
         cases = svc.cases.cases_between(*_month_bounds(month))
@@ -387,9 +462,15 @@ def cases_router() -> APIRouter:
         response_class=Response,
         responses={200: {"content": {"text/csv": {}}}, 422: {"description": "bad month"}},
     )
-    async def monthly_csv(svc: ServiceDep, month: MonthQuery) -> Response:
-        """One row per case of the month: every time point (ISO 8601 UTC), every interval (s), quality flags."""
-        text = case_csv(svc.cases.cases_between(*_month_bounds(month)))
+    async def monthly_csv(svc: ServiceDep, caller: Exporter, month: MonthQuery) -> Response:
+        """One row per case of the month: every time point (ISO 8601 UTC), every interval (s), quality flags
+        (quality manager, administrator; the export of every case is audited)."""
+        cases = svc.cases.cases_between(*_month_bounds(month))
+        for case in cases:
+            exported = svc.repo.incident(case.incident_id)
+            if exported is not None:
+                await _audit_case(svc, caller, AuditAction.REPORT_EXPORT, exported, detail=f"month={month}")
+        text = case_csv(cases)
         return Response(
             text,
             media_type="text/csv; charset=utf-8",
@@ -399,7 +480,7 @@ def cases_router() -> APIRouter:
     # --- map and console -----------------------------------------------------------------------------------------
 
     @router.get("/api/map/roads", tags=["map"], responses={503: {"description": "no road graph"}})
-    async def roads(svc: ServiceDep) -> RoadMapPublic:
+    async def roads(svc: ServiceDep, caller: AnyCaller) -> RoadMapPublic:
         """The road network as simplified polylines (degrees), computed once per road graph and cached."""
         if svc.router is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no road graph loaded")
@@ -420,6 +501,11 @@ def cases_router() -> APIRouter:
     async def console() -> HTMLResponse:
         """The dispatcher console (no CDN: the page, script and style are served from here)."""
         return HTMLResponse(_static_text("console.html"), headers={"Cache-Control": "no-cache"})
+
+    @router.get("/login", tags=["console"], response_class=HTMLResponse)
+    async def login_page() -> HTMLResponse:
+        """The sign-in page of the console (it posts to ``/api/auth/login``, which sets HttpOnly cookies)."""
+        return HTMLResponse(_static_text("login.html"), headers={"Cache-Control": "no-store"})
 
     @router.get("/console/{name}", tags=["console"], response_class=Response, responses={404: {}})
     async def console_asset(name: str) -> Response:

@@ -16,6 +16,13 @@ __all__ = [
     "UnitUnavailableError",
     "IncidentClosedError",
     "TimelineOrderError",
+    "AuthError",
+    "InvalidCredentialsError",
+    "AccountLockedError",
+    "SecondFactorRequiredError",
+    "AccountExistsError",
+    "UnknownAccountError",
+    "InvalidRefreshTokenError",
 ]
 
 
@@ -122,3 +129,35 @@ class TimelineOrderError(IncidentError):
     def __init__(self, violations: list[str]) -> None:
         super().__init__("; ".join(violations))
         self.violations = violations
+
+
+class AuthError(DispatchError):
+    """Sign-in or account management refused.  Messages are safe to show and to log (no secret, no password)."""
+
+
+class InvalidCredentialsError(AuthError):
+    """Unknown user, wrong password, wrong or replayed second factor, or a disabled account (one answer for all)."""
+
+
+class AccountLockedError(AuthError):
+    """Too many failed sign-ins: the account is locked until ``locked_until`` (UTC)."""
+
+    def __init__(self, locked_until: object) -> None:
+        super().__init__("account locked after repeated failed sign-ins")
+        self.locked_until = locked_until
+
+
+class SecondFactorRequiredError(AuthError):
+    """The password was right but the account needs a TOTP code and none was given (no failure is counted)."""
+
+
+class AccountExistsError(AuthError):
+    """An account with this username already exists."""
+
+
+class UnknownAccountError(AuthError):
+    """No account with this username."""
+
+
+class InvalidRefreshTokenError(AuthError):
+    """A refresh token that is unknown, expired, revoked or already used (reuse revokes the whole session)."""

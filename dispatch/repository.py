@@ -11,12 +11,14 @@ evicted first (from memory; the database keeps them).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
 from broker_config import Activation, AlertState, CaseType, CrewStatus, Department, Findings, Priority
+from dispatch.accounts import AccountRecord, RefreshRecord
+from dispatch.audit import GENESIS_HASH, AuditDraft, AuditEntry, seal
 from dispatch.destination import Recommendation
 from dispatch.hospitals import HospitalStatus
 from dispatch.timeline import CaseEvent
@@ -253,6 +255,39 @@ class Repository(Protocol):
     async def save_alert(self, record: AlertRecord) -> None: ...
     async def save_incident(self, record: IncidentRecord) -> None: ...
     async def save_hospital_status(self, hospital_id: str, status: HospitalStatus) -> None: ...
+    async def get_account(self, username: str) -> AccountRecord | None: ...
+    async def save_account(self, record: AccountRecord) -> None: ...
+    async def list_accounts(self) -> list[AccountRecord]: ...
+    async def save_refresh(self, record: RefreshRecord) -> None: ...
+    async def get_refresh(self, token_hash: str) -> RefreshRecord | None: ...
+    async def revoke_refresh_family(self, family: str, at: datetime) -> None: ...
+    async def append_audit(self, draft: AuditDraft) -> AuditEntry: ...
+    async def audit_entries(
+        self,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        unit_id: str | None = None,
+        alert_id: str | None = None,
+        incident_id: str | None = None,
+        actor: str | None = None,
+    ) -> list[AuditEntry]: ...
+
+
+def audit_matches(
+    entry: AuditEntry,
+    unit_id: str | None,
+    alert_id: str | None,
+    incident_id: str | None,
+    actor: str | None,
+) -> bool:
+    """Whether ``entry`` passes every filter that is set."""
+    return (
+        (unit_id is None or entry.unit_id == unit_id)
+        and (alert_id is None or entry.alert_id == alert_id)
+        and (incident_id is None or entry.incident_id == incident_id)
+        and (actor is None or entry.actor == actor)
+    )
 
 
 class InMemoryRepository:
@@ -264,6 +299,58 @@ class InMemoryRepository:
         self._alerts: OrderedDict[str, AlertRecord] = OrderedDict()
         self._incidents: dict[str, IncidentRecord] = {}
         self._hospital_status: dict[str, HospitalStatus] = {}
+        self._accounts: dict[str, AccountRecord] = {}
+        self._refresh: dict[str, RefreshRecord] = {}
+        self._audit: list[AuditEntry] = []
+
+    # --- accounts, refresh tokens, audit (in memory: the demo without a database, unit tests) ---------------------
+
+    async def get_account(self, username: str) -> AccountRecord | None:
+        """The account, or None."""
+        return self._accounts.get(username)
+
+    async def save_account(self, record: AccountRecord) -> None:
+        """Insert or replace the account."""
+        self._accounts[record.username] = record
+
+    async def list_accounts(self) -> list[AccountRecord]:
+        """Every account, by username."""
+        return [self._accounts[k] for k in sorted(self._accounts)]
+
+    async def save_refresh(self, record: RefreshRecord) -> None:
+        """Insert or replace a refresh-token record."""
+        self._refresh[record.token_hash] = record
+
+    async def get_refresh(self, token_hash: str) -> RefreshRecord | None:
+        """The refresh-token record with this digest, or None."""
+        return self._refresh.get(token_hash)
+
+    async def revoke_refresh_family(self, family: str, at: datetime) -> None:
+        """Revoke every token of a sign-in session."""
+        for key, record in list(self._refresh.items()):
+            if record.family == family and record.revoked_at is None:
+                self._refresh[key] = replace(record, revoked_at=at)
+
+    async def append_audit(self, draft: AuditDraft) -> AuditEntry:
+        """Seal ``draft`` after the last row and append it (one event loop: no interleaving)."""
+        last = self._audit[-1] if self._audit else None
+        entry = seal(draft, last.seq + 1 if last else 1, last.hash if last else GENESIS_HASH)
+        self._audit.append(entry)
+        return entry
+
+    async def audit_entries(
+        self,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        unit_id: str | None = None,
+        alert_id: str | None = None,
+        incident_id: str | None = None,
+        actor: str | None = None,
+    ) -> list[AuditEntry]:
+        """Rows after ``after_seq`` in order, filtered, at most ``limit``."""
+        rows = [e for e in self._audit if e.seq > after_seq and audit_matches(e, unit_id, alert_id, incident_id, actor)]
+        return rows if limit is None else rows[:limit]
 
     async def open(self) -> None:
         """Nothing to load."""

@@ -8,9 +8,23 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from broker_config import AlertState, CaseType, CrewStatus, Department, Findings, Priority
+from broker_config.identity import SUBJECT_PATTERN, Role
 from broker_config.topics import ID_PATTERN
 
 __all__ = [
+    "AccountCreate",
+    "AccountCreated",
+    "AccountPublic",
+    "AccountUpdate",
+    "AuditEntryPublic",
+    "AuditReportBatch",
+    "AuditReportIn",
+    "AuditVerifyPublic",
+    "LoginRequest",
+    "LogoutRequest",
+    "PrincipalPublic",
+    "RefreshRequest",
+    "TokenResponse",
     "AckPublic",
     "AssignRequest",
     "AssignResponse",
@@ -390,3 +404,145 @@ class RoadMapPublic(_Out):
     max_lat_deg: float
     max_lon_deg: float
     polylines: list[list[tuple[float, float]]]
+
+
+# --- security: sign-in, accounts, audit ------------------------------------------------------------------------------
+
+Username = Annotated[str, Field(pattern=SUBJECT_PATTERN.pattern, description="username [A-Za-z0-9_.@-]{1,64}")]
+
+
+class LoginRequest(_In):
+    """Sign in: username, password and, for accounts with a second factor, the current 6-digit TOTP code."""
+
+    username: Annotated[str, Field(min_length=1, max_length=64)]
+    password: Annotated[str, Field(min_length=1, max_length=256)]
+    totp: Annotated[str, Field(pattern=r"^[0-9]{6}$")] | None = None
+
+
+class RefreshRequest(_In):
+    """Exchange a refresh token (else the ``gh_refresh`` cookie is used)."""
+
+    refresh_token: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+class LogoutRequest(RefreshRequest):
+    """End the sign-in session of this refresh token (else of the ``gh_refresh`` cookie)."""
+
+
+class PrincipalPublic(_Out):
+    """Who the token says the caller is, and until when (UTC)."""
+
+    username: str
+    role: Role
+    hospital_id: str | None
+    unit_id: str | None
+    expires_at: datetime
+
+
+class TokenResponse(_Out):
+    """A short-lived bearer access token and, for people, a rotating refresh token (also set as HttpOnly cookies)."""
+
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth 2.0 token type, not a secret
+    expires_in: int
+    refresh_token: str | None
+    refresh_expires_in: int | None
+    principal: PrincipalPublic
+
+
+class AccountCreate(_In):
+    """A new account.  ED staff / department on-call need ``hospital_id``, crew ``unit_id``; ``totp`` enrols a second
+    factor whose secret is returned once.  Passwords: 12-256 characters (services: at least 32)."""
+
+    username: Username
+    role: Role
+    password: Annotated[str, Field(min_length=12, max_length=256)]
+    hospital_id: OpaqueIdIn | None = None
+    unit_id: OpaqueIdIn | None = None
+    totp: bool = False
+
+
+class AccountUpdate(_In):
+    """Disable or enable, set a new password, lift a lockout, enrol (true) or remove (false) the second factor."""
+
+    disabled: bool | None = None
+    password: Annotated[str, Field(min_length=12, max_length=256)] | None = None
+    unlock: bool = False
+    reset_totp: bool | None = None
+
+
+class AccountPublic(_Out):
+    """An account without its secrets."""
+
+    username: str
+    role: Role
+    hospital_id: str | None
+    unit_id: str | None
+    totp_enrolled: bool
+    disabled: bool
+    locked_until: datetime | None
+    created_at: datetime
+
+
+class AccountCreated(AccountPublic):
+    """A created or updated account; ``totp_secret``/``totp_uri`` only right after enrolment (shown once)."""
+
+    totp_secret: str | None = None
+    totp_uri: str | None = None
+
+
+class AuditEntryPublic(_Out):
+    """One audit row (ids only) with its place in the hash chain."""
+
+    seq: int
+    at: datetime
+    actor: str
+    role: str
+    actor_hospital_id: str | None
+    action: str
+    object_type: str | None
+    object_id: str | None
+    unit_id: str | None
+    alert_id: str | None
+    incident_id: str | None
+    hospital_id: str | None
+    client_addr: str | None
+    outcome: str
+    reported_by: str | None
+    detail: str
+    prev_hash: str
+    hash: str
+
+
+class AuditVerifyPublic(_Out):
+    """The chain check: ``ok``, rows checked, the first broken row (null = none) and why, the head hash."""
+
+    ok: bool
+    checked: int
+    first_broken_seq: int | None
+    reason: str | None
+    head_hash: str
+
+
+class AuditReportIn(_In):
+    """One event the board saw (a person's read of patient data, an acknowledgement), reported to dispatch's trail."""
+
+    at: AwareDatetime
+    actor: Username
+    role: Role
+    actor_hospital_id: OpaqueIdIn | None = None
+    action: Annotated[str, Field(pattern=r"^[a-z.]{1,40}$")]
+    object_type: Annotated[str, Field(pattern=r"^[a-z_]{1,20}$")] | None = None
+    object_id: OpaqueIdIn | None = None
+    unit_id: OpaqueIdIn | None = None
+    alert_id: OpaqueIdIn | None = None
+    hospital_id: OpaqueIdIn | None = None
+    client_addr: Annotated[str, Field(max_length=64, pattern=r"^[0-9A-Fa-f:.]{1,64}$")] | None = None
+    outcome: Literal["ok", "denied"] = "ok"
+    detail: Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_=,.: -]*$")] = ""
+
+
+class AuditReportBatch(_In):
+    """Up to 500 board events in one request."""
+
+    events: Annotated[list[AuditReportIn], Field(min_length=1, max_length=500)]

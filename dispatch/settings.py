@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker_config import BrokerSettings
+from broker_config.identity import SecurityMode, load_signing_key, load_verify_key
 from dispatch.hospitals import DATA_DIR
 
 __all__ = ["DispatchSettings"]
@@ -17,7 +19,9 @@ __all__ = ["DispatchSettings"]
 class DispatchSettings(BaseSettings):
     """Where the data files are, how the service talks MQTT, how the HTTP API listens.
 
-    Refuses unsafe values at start-up (missing files, non-positive limits).
+    Refuses unsafe values at start-up (missing files, non-positive limits) and, for security: outside development
+    mode a missing, short or malformed signing key; development mode on a non-loopback address; token lifetimes
+    beyond an hour (access) or a week (refresh).
     """
 
     model_config = SettingsConfigDict(env_prefix="EMS_DISPATCH_", extra="ignore")
@@ -44,6 +48,19 @@ class DispatchSettings(BaseSettings):
     """How often escalation deadlines are checked, seconds."""
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8081
+    security_mode: SecurityMode = Field(
+        SecurityMode.PRODUCTION, validation_alias=AliasChoices("security_mode", "EMS_SECURITY_MODE")
+    )
+    """``EMS_SECURITY_MODE`` (shared with the board): ``production`` unless ``development`` is asked for explicitly."""
+    signing_key: SecretStr | None = None
+    """``EMS_DISPATCH_SIGNING_KEY``: Ed25519 seed (base64url, 32 bytes) or PKCS#8 PEM.  Required outside development
+    (development without one uses a fresh key per start, so tokens die with the process)."""
+    previous_verify_keys: tuple[str, ...] = ()
+    """Public keys of retired signing keys still accepted (key rotation), base64url or PEM."""
+    access_token_ttl_s: Annotated[float, Field(ge=60, le=3_600)] = 900.0
+    refresh_token_ttl_s: Annotated[float, Field(ge=600, le=7 * 24 * 3_600)] = 12 * 3_600.0
+    cookie_secure: bool | None = None
+    """Mark session cookies ``Secure`` (HTTPS only); default True outside development."""
 
     @field_validator("database_url")
     @classmethod
@@ -52,6 +69,25 @@ class DispatchSettings(BaseSettings):
             raise ValueError("database_url must be sqlite:///path or postgresql://...")
         return value
 
+    @field_validator("previous_verify_keys")
+    @classmethod
+    def _verify_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for text in value:
+            load_verify_key(text)
+        return value
+
+    @model_validator(mode="after")
+    def _security(self) -> Self:
+        if self.signing_key is not None:
+            load_signing_key(self.signing_key.get_secret_value())  # raises ValueError without echoing the key
+        if self.security_mode is SecurityMode.PRODUCTION and self.signing_key is None:
+            raise ValueError("EMS_DISPATCH_SIGNING_KEY is required outside development mode")
+        if self.security_mode is SecurityMode.DEVELOPMENT and not _loopback(self.http_host):
+            raise ValueError("development mode serves on a loopback address only (http_host)")
+        if self.access_token_ttl_s >= self.refresh_token_ttl_s:
+            raise ValueError("access tokens must be shorter-lived than refresh tokens")
+        return self
+
     @field_validator("hospital_csvs", "capabilities_path", "road_pbf")
     @classmethod
     def _exists(cls, value: Path | tuple[Path, ...]) -> Path | tuple[Path, ...]:
@@ -59,3 +95,12 @@ class DispatchSettings(BaseSettings):
             if not path.is_file():
                 raise ValueError(f"file not found: {path.name}")
         return value
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -39,6 +39,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from pydantic import TypeAdapter
 
+from broker_config.identity import Role
+from dispatch.accounts import AccountRecord, RefreshRecord
+from dispatch.audit import GENESIS_HASH, AuditDraft, AuditEntry, seal
 from dispatch.errors import StoreError
 from dispatch.hospitals import HospitalStatus
 from dispatch.repository import (
@@ -61,6 +64,40 @@ T = TypeVar("T")
 
 MIGRATIONS_TABLE = "dispatch_schema_migrations"
 _MIGRATION_LOCK_ID = 0x67686470  # "ghdp": concurrent dispatch instances migrate one at a time
+_AUDIT_LOCK_ID = 0x67686175  # "ghau": audit appends are serialised across dispatch instances (one chain)
+_SELECT_ACCOUNT = (
+    "SELECT username, role, hospital_id, unit_id, password_hash, totp_secret, totp_last_step, failed_logins, "
+    "locked_until, disabled, created_at, updated_at FROM {}"
+)
+_INSERT_ACCOUNT = (
+    "INSERT INTO {} (username, role, hospital_id, unit_id, password_hash, totp_secret, totp_last_step, "
+    "failed_logins, locked_until, disabled, created_at, updated_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (username) DO UPDATE SET role = excluded.role, hospital_id = excluded.hospital_id, "
+    "unit_id = excluded.unit_id, password_hash = excluded.password_hash, "
+    "totp_secret = excluded.totp_secret, totp_last_step = excluded.totp_last_step, "
+    "failed_logins = excluded.failed_logins, locked_until = excluded.locked_until, "
+    "disabled = excluded.disabled, updated_at = excluded.updated_at"
+)
+_SELECT_REFRESH = (
+    "SELECT token_hash, username, family, created_at, expires_at, revoked_at FROM {} WHERE token_hash = %s"
+)
+_INSERT_REFRESH = (
+    "INSERT INTO {} (token_hash, username, family, created_at, expires_at, revoked_at) VALUES (%s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (token_hash) DO UPDATE SET revoked_at = excluded.revoked_at"
+)
+_INSERT_AUDIT = (
+    "INSERT INTO {} (seq, at, actor, role, actor_hospital_id, action, object_type, object_id, unit_id, alert_id, "
+    "incident_id, hospital_id, client_addr, outcome, reported_by, detail, prev_hash, hash) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_SELECT_AUDIT = (
+    "SELECT seq, at, actor, role, actor_hospital_id, action, object_type, object_id, unit_id, alert_id, "
+    "incident_id, hospital_id, client_addr, outcome, reported_by, detail, prev_hash, hash FROM {} "
+    "WHERE seq > %s AND (CAST(%s AS text) IS NULL OR unit_id = %s) AND (CAST(%s AS text) IS NULL OR alert_id = %s) "
+    "AND (CAST(%s AS text) IS NULL OR incident_id = %s) AND (CAST(%s AS text) IS NULL OR actor = %s) "
+    "ORDER BY seq LIMIT %s"
+)
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 _UNIT = TypeAdapter(UnitRecord)
@@ -492,6 +529,215 @@ class SqlRepository(InMemoryRepository):
                 s.ed_beds_free,
             ),
         )
+
+    # --- accounts, refresh tokens, audit: read from and written to the database (never cached: several dispatch
+    # instances must agree on lockout counters, revoked tokens and the one audit chain) --------------------------
+
+    async def get_account(self, username: str) -> AccountRecord | None:
+        """The account, or None."""
+        return await self._call(self._get_account, username)
+
+    def _get_account(self, conn: Any, username: str) -> AccountRecord | None:
+        row = conn.execute(
+            self._q(_SELECT_ACCOUNT + " WHERE username = %s", "dispatch_accounts"), (username,)
+        ).fetchone()
+        return None if row is None else _account(row)
+
+    async def save_account(self, record: AccountRecord) -> None:
+        """Insert or update the account."""
+        await self._call(self._save_account, record)
+
+    def _save_account(self, conn: Any, r: AccountRecord) -> None:
+        conn.execute(
+            self._q(
+                _INSERT_ACCOUNT,
+                "dispatch_accounts",
+            ),
+            (
+                r.username,
+                r.role.value,
+                r.hospital_id,
+                r.unit_id,
+                r.password_hash,
+                r.totp_secret,
+                r.totp_last_step,
+                r.failed_logins,
+                self._ts(r.locked_until),
+                r.disabled,
+                self._ts(r.created_at),
+                self._ts(r.updated_at),
+            ),
+        )
+
+    async def list_accounts(self) -> list[AccountRecord]:
+        """Every account, by username."""
+        return await self._call(self._list_accounts)
+
+    def _list_accounts(self, conn: Any) -> list[AccountRecord]:
+        stmt = self._q(_SELECT_ACCOUNT + " ORDER BY username", "dispatch_accounts")
+        return [_account(r) for r in conn.execute(stmt).fetchall()]
+
+    async def save_refresh(self, record: RefreshRecord) -> None:
+        """Insert or update a refresh-token record."""
+        await self._call(self._save_refresh, record)
+
+    def _save_refresh(self, conn: Any, r: RefreshRecord) -> None:
+        conn.execute(
+            self._q(
+                _INSERT_REFRESH,
+                "dispatch_refresh_tokens",
+            ),
+            (
+                r.token_hash,
+                r.username,
+                r.family,
+                self._ts(r.created_at),
+                self._ts(r.expires_at),
+                self._ts(r.revoked_at),
+            ),
+        )
+
+    async def get_refresh(self, token_hash: str) -> RefreshRecord | None:
+        """The refresh-token record with this digest, or None."""
+        return await self._call(self._get_refresh, token_hash)
+
+    def _get_refresh(self, conn: Any, token_hash: str) -> RefreshRecord | None:
+        row = conn.execute(
+            self._q(_SELECT_REFRESH, "dispatch_refresh_tokens"),
+            (token_hash,),
+        ).fetchone()
+        return None if row is None else _refresh(row)
+
+    async def revoke_refresh_family(self, family: str, at: datetime) -> None:
+        """Revoke every token of a sign-in session."""
+        await self._call(self._revoke_family, family, at)
+
+    def _revoke_family(self, conn: Any, family: str, at: datetime) -> None:
+        conn.execute(
+            self._q(
+                "UPDATE {} SET revoked_at = %s WHERE family = %s AND revoked_at IS NULL", "dispatch_refresh_tokens"
+            ),
+            (self._ts(at), family),
+        )
+
+    async def append_audit(self, draft: AuditDraft) -> AuditEntry:
+        """Seal ``draft`` after the last stored row and insert it, in one transaction (PostgreSQL: under an
+        advisory lock, so concurrent dispatch instances extend one chain, never fork it)."""
+        return await self._call(self._append_audit, draft)
+
+    def _append_audit(self, conn: Any, draft: AuditDraft) -> AuditEntry:
+        def work(execute: Callable[..., Any]) -> AuditEntry:
+            if self.dialect == "postgres":
+                execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK_ID,))
+            last = execute(self._q("SELECT seq, hash FROM {} ORDER BY seq DESC LIMIT 1", "dispatch_audit")).fetchone()
+            entry = seal(draft, int(last[0]) + 1 if last else 1, last[1] if last else GENESIS_HASH)
+            execute(
+                self._q(
+                    _INSERT_AUDIT,
+                    "dispatch_audit",
+                ),
+                (
+                    entry.seq,
+                    entry.at.astimezone(UTC).isoformat(timespec="microseconds"),
+                    entry.actor,
+                    entry.role,
+                    entry.actor_hospital_id,
+                    entry.action,
+                    entry.object_type,
+                    entry.object_id,
+                    entry.unit_id,
+                    entry.alert_id,
+                    entry.incident_id,
+                    entry.hospital_id,
+                    entry.client_addr,
+                    entry.outcome,
+                    entry.reported_by,
+                    entry.detail,
+                    entry.prev_hash,
+                    entry.hash,
+                ),
+            )
+            return entry
+
+        return self._transaction(conn, work)
+
+    async def audit_entries(
+        self,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        unit_id: str | None = None,
+        alert_id: str | None = None,
+        incident_id: str | None = None,
+        actor: str | None = None,
+    ) -> list[AuditEntry]:
+        """Rows after ``after_seq`` in order, filtered, at most ``limit``."""
+        return await self._call(self._audit_entries, after_seq, limit, unit_id, alert_id, incident_id, actor)
+
+    def _audit_entries(
+        self,
+        conn: Any,
+        after_seq: int,
+        limit: int | None,
+        unit_id: str | None,
+        alert_id: str | None,
+        incident_id: str | None,
+        actor: str | None,
+    ) -> list[AuditEntry]:
+        params = (
+            after_seq,
+            *(unit_id, unit_id),
+            *(alert_id, alert_id),
+            *(incident_id, incident_id),
+            *(actor, actor),
+            limit if limit is not None else 2**62,
+        )
+        rows = conn.execute(self._q(_SELECT_AUDIT, "dispatch_audit"), params).fetchall()
+        return [_audit(r) for r in rows]
+
+
+def _account(row: Sequence[Any]) -> AccountRecord:
+    return AccountRecord(
+        username=row[0],
+        role=Role(row[1]),
+        hospital_id=row[2],
+        unit_id=row[3],
+        password_hash=row[4],
+        totp_secret=row[5],
+        totp_last_step=int(row[6]),
+        failed_logins=int(row[7]),
+        locked_until=_dt(row[8]),
+        disabled=bool(row[9]),
+        created_at=_dt(row[10]),  # type: ignore[arg-type]
+        updated_at=_dt(row[11]),
+    )
+
+
+def _refresh(row: Sequence[Any]) -> RefreshRecord:
+    return RefreshRecord(row[0], row[1], row[2], _dt(row[3]), _dt(row[4]), _dt(row[5]))  # type: ignore[arg-type]
+
+
+def _audit(row: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(
+        seq=int(row[0]),
+        at=datetime.fromisoformat(row[1]),
+        actor=row[2],
+        role=row[3],
+        actor_hospital_id=row[4],
+        action=row[5],
+        object_type=row[6],
+        object_id=row[7],
+        unit_id=row[8],
+        alert_id=row[9],
+        incident_id=row[10],
+        hospital_id=row[11],
+        client_addr=row[12],
+        outcome=row[13],
+        reported_by=row[14],
+        detail=row[15],
+        prev_hash=row[16],
+        hash=row[17],
+    )
 
 
 def _json(value: object) -> Any:

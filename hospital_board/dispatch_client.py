@@ -10,6 +10,11 @@ Endpoints used (dispatch/api.py):
 * ``GET /api/alerts``: every pre-alert, newest first (no findings, no activations).
 * ``GET /api/alerts/{alert_id}``: one alert with findings and the dispatch timeline.
 * ``GET /api/route?from=lat,lon&to=lat,lon``: a road route (points, distance, emergency driving time).
+* ``POST /api/audit/events``: the board's people's reads and acknowledgements, for dispatch's audit trail.
+* ``POST /api/auth/login|refresh|logout``: a person's sign-in, forwarded (:meth:`DispatchClient.forward_auth`).
+
+Authentication: the board signs in as its service account (``credentials``) and sends the short-lived access token
+it gets as ``Authorization: Bearer``; it signs in again shortly before expiry or after a 401.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -124,7 +130,12 @@ class DispatchClient:
         timeout_s: float = 2.0,
         cache_s: float = 300.0,
         retry_after_s: float = 30.0,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
+        self._credentials = credentials
+        self._token: str | None = None
+        self._token_expires_s = 0.0
+        self._token_lock = asyncio.Lock()
         self._client = client
         self._base_url = base_url.rstrip("/") if base_url else None
         self._timeout_s = timeout_s
@@ -139,18 +150,80 @@ class DispatchClient:
         """Whether a dispatch URL is set."""
         return self._client is not None and self._base_url is not None
 
-    async def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
+    async def _service_token(self, *, renew: bool = False) -> str | None:
+        """The service account's access token, signing in when there is none, it is near expiry or ``renew``."""
+        if self._credentials is None or self._client is None or self._base_url is None:
+            return None
+        async with self._token_lock:
+            if not renew and self._token is not None and time.monotonic() < self._token_expires_s:
+                return self._token
+            client_id, secret = self._credentials
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.post(
+                    f"{self._base_url}/api/auth/login", json={"username": client_id, "password": secret}
+                )
+            response.raise_for_status()
+            try:
+                body = response.json()
+                self._token = str(body["access_token"])
+                self._token_expires_s = time.monotonic() + max(0.0, float(body["expires_in"]) - 60.0)
+            except (KeyError, TypeError, ValueError):
+                raise DispatchUnavailableError("bad service sign-in answer") from None
+            return self._token
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         if self._client is None or self._base_url is None:
             raise DispatchUnavailableError("not configured")
-        try:
+        for attempt in (1, 2):
+            token = await self._service_token(renew=attempt == 2)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
             async with asyncio.timeout(self._timeout_s):
-                response = await self._client.get(f"{self._base_url}{path}", params=params)
-            response.raise_for_status()
+                response = await self._client.request(method, f"{self._base_url}{path}", headers=headers, **kwargs)
+            if response.status_code != 401 or token is None:
+                break
+        response.raise_for_status()
+        return response
+
+    async def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        try:
+            response = await self._request("GET", path, params=params)
             return response.json()
         except TimeoutError:
             raise DispatchUnavailableError("timeout") from None
         except httpx.HTTPStatusError as exc:
             raise DispatchUnavailableError(f"http {exc.response.status_code}") from None
+        except httpx.HTTPError as exc:
+            raise DispatchUnavailableError(type(exc).__name__) from None
+        except ValueError:
+            raise DispatchUnavailableError("not JSON") from None
+
+    async def report_audit(self, events: Sequence[dict[str, Any]]) -> None:
+        """Post audit events to dispatch's trail.  Raises :class:`DispatchUnavailableError` (the caller retries)."""
+        try:
+            await self._request("POST", "/api/audit/events", json={"events": list(events)})
+        except TimeoutError:
+            raise DispatchUnavailableError("timeout") from None
+        except httpx.HTTPStatusError as exc:
+            raise DispatchUnavailableError(f"http {exc.response.status_code}") from None
+        except httpx.HTTPError as exc:
+            raise DispatchUnavailableError(type(exc).__name__) from None
+
+    async def forward_auth(self, action: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """Forward a person's ``login``, ``refresh`` or ``logout`` to dispatch (no service token): (status, JSON).
+
+        Raises:
+            DispatchUnavailableError: not configured, timeout, connection failure, not JSON.
+        """
+        if action not in ("login", "refresh", "logout"):
+            raise ValueError("unknown auth action")
+        if self._client is None or self._base_url is None:
+            raise DispatchUnavailableError("not configured")
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.post(f"{self._base_url}/api/auth/{action}", json=body)
+            return response.status_code, (response.json() if response.content else None)
+        except TimeoutError:
+            raise DispatchUnavailableError("timeout") from None
         except httpx.HTTPError as exc:
             raise DispatchUnavailableError(type(exc).__name__) from None
         except ValueError:

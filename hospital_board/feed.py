@@ -14,6 +14,8 @@ Why this shape (field failures FF-13 and FF-14):
   a heartbeat every ``heartbeat_s`` (a comment plus a ``tick`` event carrying the server's time, so the page
   itself can tell a silent link from a quiet one), so a vanished board leaves the registry within a heartbeat
   (FF-13).
+* A stream ends when the viewer's access token expires (``expires_at``); the page reconnects with its refreshed
+  cookie and resyncs, so a stream never outlives the authorisation it was opened with.
 * A feed is either a hospital's big-screen board (every inbound unit, first ECG lead) or one patient's detail
   view (``unit_id`` set: that unit only, every ECG lead, trends, trail, timeline); see
   :data:`hospital_board.schemas.DETAIL_ONLY_KINDS` and :data:`~hospital_board.schemas.BOARD_ONLY_KINDS`.
@@ -282,6 +284,7 @@ class SseResponse(Response):
         send_timeout_s: float,
         server_clock: Callable[[], datetime] | None = None,
         background: BackgroundTask | None = None,
+        expires_at: datetime | None = None,
     ) -> None:
         super().__init__(
             content=None,
@@ -297,6 +300,9 @@ class SseResponse(Response):
         self.heartbeat_s = heartbeat_s
         self.send_timeout_s = send_timeout_s
         self.server_clock = server_clock or (lambda: datetime.now(UTC))
+        self.expires_at = expires_at
+        """When the viewer's token expires: the stream ends then, and the browser reconnects with its refreshed
+        cookie (and gets a full snapshot), so an expired or revoked session stops receiving patient data."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry: stream until the board goes, falls behind, or the server shuts down."""
@@ -341,7 +347,16 @@ class SseResponse(Response):
             return False
         client = self.client
         while not client.closed:
-            if not await client.wait(self.heartbeat_s):
+            wait_s = self.heartbeat_s
+            if self.expires_at is not None:
+                left_s = (self.expires_at - self.server_clock()).total_seconds()
+                if left_s <= 0:
+                    client.close("token expired")
+                    break
+                wait_s = min(wait_s, left_s)
+            if not await client.wait(wait_s):
+                if self.expires_at is not None and self.server_clock() >= self.expires_at:
+                    continue
                 chunk = b": heartbeat\n" + sse_frame(EventKind.TICK, TickEvent(server_time=self.server_clock()))
             else:
                 chunk = client.take()

@@ -24,7 +24,12 @@ API:
 * ``GET /api/units/{unit_id}/timeline?hospital=ID`` the case timeline: the board's own time points merged with
   dispatch's (``dispatch_available`` False when dispatch did not answer)
 * ``GET /api/map/roads?bbox=S,W,N,E``               simplified road polylines from the local OSM extract
-* ``GET /api/health``                               link state, counters
+* ``GET /api/health``                               link state, counters (no sign-in needed)
+* ``POST /api/auth/login|refresh|logout``, ``GET /api/auth/me``, ``GET /login``  sign-in (forwarded to dispatch;
+  the tokens come back as HttpOnly cookies, see :mod:`hospital_board.security`)
+
+Every page and API route but health and sign-in needs a valid token (pages redirect to ``/login``, the API answers
+401) and a role and hospital that may see it (403); reads of patient data and acknowledgements are audited.
 """
 
 from __future__ import annotations
@@ -39,23 +44,38 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from broker_config import AlertState, Department, TopicSpace, utc_now
 from broker_config.connection import MqttLink, NotConnectedError
+from broker_config.identity import ACCESS_COOKIE, REFRESH_COOKIE, Claims, Role, TokenError, verify_token
 from broker_config.topics import ID_PATTERN
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, RouteInfo
 from hospital_board.feed import FeedHub, SseResponse, sse_frame
 from hospital_board.maps import RoadMap, RoadsPublic, parse_bbox
 from hospital_board.schemas import BoardSnapshot, DetailSnapshot, EventKind, TimelineEntryPublic
+from hospital_board.security import (
+    ACK_ROLES,
+    AuditReporter,
+    BoardSecurity,
+    Viewer,
+    ViewerDep,
+    check_hospital,
+    check_unit,
+    forbidden,
+    viewer_or_none,
+)
 from hospital_board.settings import BoardSettings
 from hospital_board.sources import AlertResync, BoardIngest
 from hospital_board.state import (
@@ -107,6 +127,8 @@ class HealthPublic(BaseModel):
     resyncs_ok: int = 0
     resync_failures: int = 0
     map_ways: int | None = None
+    audit_backlog: int = 0
+    audit_dropped: int = 0
 
 
 class RoutePublic(BaseModel):
@@ -150,6 +172,8 @@ class BoardRuntime:
     link: MqttLink
     ingest: BoardIngest
     clock: Callable[[], datetime]
+    security: BoardSecurity
+    audit: AuditReporter
     directory: DispatchClient = field(default_factory=lambda: DispatchClient(None, None))
     resync: AlertResync | None = None
     road_map: RoadMap | None = None
@@ -188,6 +212,41 @@ UnitQuery = Annotated[str | None, Query(pattern=ID_PATTERN.pattern, description=
 HospitalPath = Annotated[str, PathParam(pattern=ID_PATTERN.pattern)]
 UnitPath = Annotated[str, PathParam(pattern=ID_PATTERN.pattern)]
 AlertPath = Annotated[str, PathParam(pattern=ID_PATTERN.pattern)]
+
+
+class LoginCreate(BaseModel):
+    """Body of ``POST /api/auth/login`` (forwarded to dispatch)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    username: Annotated[str, Field(min_length=1, max_length=64)]
+    password: Annotated[str, Field(min_length=1, max_length=256)]
+    totp: Annotated[str, Field(pattern=r"^[0-9]{6}$")] | None = None
+
+
+class PrincipalPublic(BaseModel):
+    """Who is signed in, until when."""
+
+    username: str
+    role: Role
+    hospital_id: str | None
+    unit_id: str | None
+    expires_at: datetime
+
+
+def _principal(claims: Claims) -> PrincipalPublic:
+    return PrincipalPublic(
+        username=claims.sub,
+        role=claims.role,
+        hospital_id=claims.hospital_id,
+        unit_id=claims.unit_id,
+        expires_at=claims.expires_at,
+    )
+
+
+def _no_cookie_jar() -> CookieJar:
+    """The board's HTTP client to dispatch keeps no cookies: people's session cookies must never stick to it."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 def create_app(
@@ -232,18 +291,30 @@ def create_app(
         publish_timeout_s=settings.publish_timeout_s,
         clock=clock,
     )
-    runtime = BoardRuntime(settings, space, state, hub, link, ingest, clock)
-    pages = {name: (_STATIC / f"{name}.html").read_text(encoding="utf-8") for name in ("board", "detail", "phone")}
+    security = BoardSecurity.from_texts(
+        settings.security_mode, settings.verify_keys, cookie_secure=settings.cookie_secure, clock=clock
+    )
+    audit = AuditReporter(None, max_items=settings.audit_queue_items, errors=(DispatchUnavailableError,))
+    runtime = BoardRuntime(settings, space, state, hub, link, ingest, clock, security, audit)
+    pages = {
+        name: (_STATIC / f"{name}.html").read_text(encoding="utf-8") for name in ("board", "detail", "phone", "login")
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=settings.dispatch_timeout_s) as http:
+        async with httpx.AsyncClient(timeout=settings.dispatch_timeout_s, cookies=_no_cookie_jar()) as http:
             if not runtime.directory.configured:
+                secret = settings.dispatch_client_secret
                 runtime.directory = DispatchClient(
                     http,
                     str(settings.dispatch_url) if settings.dispatch_url else None,
                     timeout_s=settings.dispatch_timeout_s,
+                    credentials=(settings.dispatch_client_id, secret.get_secret_value())
+                    if settings.dispatch_client_id and secret
+                    else None,
                 )
+            if runtime.directory.configured and settings.dispatch_client_id and runtime.audit.sink is None:
+                runtime.audit.sink = runtime.directory.report_audit
             resync = AlertResync(
                 runtime.directory,
                 ingest,
@@ -262,6 +333,7 @@ def create_app(
                     tg.create_task(resync.run(), name="board-resync"),
                     tg.create_task(_sweep_forever(runtime), name="board-sweep"),
                     tg.create_task(_prune_forever(runtime), name="board-prune"),
+                    tg.create_task(runtime.audit.run(), name="board-audit"),
                 ]
                 try:
                     yield
@@ -284,43 +356,138 @@ def create_app(
         )
         return HTMLResponse(page, headers={"Cache-Control": "no-store", "Content-Security-Policy": _CSP})
 
-    @app.get("/", response_class=HTMLResponse)
-    async def board_page(rt: RuntimeDep, hospital: HospitalQuery = None) -> HTMLResponse:
-        return await render("board", hospital or rt.settings.default_hospital_id)
+    def hospital_for(rt: BoardRuntime, viewer: Viewer, hospital: str | None) -> str:
+        """The asked hospital, else the viewer's own, else the board's default."""
+        return hospital or viewer.claims.hospital_id or rt.settings.default_hospital_id
 
-    @app.get("/unit/{unit_id}", response_class=HTMLResponse)
-    async def detail_page(rt: RuntimeDep, unit_id: UnitPath, hospital: HospitalQuery = None) -> HTMLResponse:
-        return await render("detail", hospital or rt.settings.default_hospital_id, unit_id)
+    def sign_in_redirect(request: Request) -> RedirectResponse:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
 
-    @app.get("/phone", response_class=HTMLResponse)
-    async def phone_page(
-        rt: RuntimeDep, unit: Annotated[str, Query(pattern=ID_PATTERN.pattern)], hospital: HospitalQuery = None
-    ) -> HTMLResponse:
-        return await render("phone", hospital or rt.settings.default_hospital_id, unit)
+    def denied(rt: BoardRuntime, viewer: Viewer, hospital_id: str, unit_id: str | None, what: str) -> None:
+        rt.audit.report(
+            viewer, "access.denied", at=rt.clock(), hospital_id=hospital_id, unit_id=unit_id,
+            object_type="unit" if unit_id else "hospital", object_id=unit_id or hospital_id, outcome="denied",
+            detail=what,
+        )  # fmt: skip
 
-    @app.get("/api/hospitals/{hospital_id}/snapshot")
-    async def snapshot(rt: RuntimeDep, hospital_id: HospitalPath) -> BoardSnapshot:
-        return rt.state.snapshot(hospital_id, rt.clock())
-
-    @app.get("/api/hospitals/{hospital_id}/units/{unit_id}", responses={404: {"description": "not inbound"}})
-    async def detail(rt: RuntimeDep, hospital_id: HospitalPath, unit_id: UnitPath) -> DetailSnapshot:
+    def guard_hospital(rt: BoardRuntime, viewer: Viewer, hospital_id: str, what: str) -> None:
         try:
-            return rt.state.detail(hospital_id, unit_id, rt.clock())
+            check_hospital(viewer, hospital_id)
+        except HTTPException:
+            denied(rt, viewer, hospital_id, None, what)
+            raise
+
+    def guard_unit(rt: BoardRuntime, viewer: Viewer, hospital_id: str, unit_id: str, what: str) -> None:
+        try:
+            check_unit(viewer, hospital_id, unit_id)
+        except HTTPException:
+            denied(rt, viewer, hospital_id, unit_id, what)
+            raise
+
+    def audit_units(rt: BoardRuntime, viewer: Viewer, action: str, hospital_id: str, units: list[Any]) -> None:
+        """One audit event per patient shown (``units``: cards), or one for the hospital when none is inbound."""
+        at = rt.clock()
+        for card in units:
+            alert_id = card.alerts[0].alert_id if card.alerts else None
+            rt.audit.report(
+                viewer, action, at=at, hospital_id=hospital_id, unit_id=card.unit_id, alert_id=alert_id,
+                object_type="unit", object_id=card.unit_id,
+            )  # fmt: skip
+        if not units:
+            rt.audit.report(
+                viewer, action, at=at, hospital_id=hospital_id, object_type="hospital", object_id=hospital_id,
+                detail="no inbound patients",
+            )  # fmt: skip
+
+    @app.get("/login", response_class=HTMLResponse)
+    async def login_page() -> HTMLResponse:
+        return HTMLResponse(pages["login"], headers={"Cache-Control": "no-store", "Content-Security-Policy": _CSP})
+
+    @app.get("/", response_class=HTMLResponse, response_model=None)
+    async def board_page(request: Request, rt: RuntimeDep, hospital: HospitalQuery = None) -> Response:
+        viewer = viewer_or_none(request)
+        if viewer is None:
+            return sign_in_redirect(request)
+        hospital_id = hospital_for(rt, viewer, hospital)
+        guard_hospital(rt, viewer, hospital_id, "board page")
+        return await render("board", hospital_id)
+
+    @app.get("/unit/{unit_id}", response_class=HTMLResponse, response_model=None)
+    async def detail_page(
+        request: Request, rt: RuntimeDep, unit_id: UnitPath, hospital: HospitalQuery = None
+    ) -> Response:
+        viewer = viewer_or_none(request)
+        if viewer is None:
+            return sign_in_redirect(request)
+        hospital_id = hospital_for(rt, viewer, hospital)
+        guard_unit(rt, viewer, hospital_id, unit_id, "detail page")
+        return await render("detail", hospital_id, unit_id)
+
+    @app.get("/phone", response_class=HTMLResponse, response_model=None)
+    async def phone_page(
+        request: Request,
+        rt: RuntimeDep,
+        unit: Annotated[str, Query(pattern=ID_PATTERN.pattern)],
+        hospital: HospitalQuery = None,
+    ) -> Response:
+        viewer = viewer_or_none(request)
+        if viewer is None:
+            return sign_in_redirect(request)
+        hospital_id = hospital_for(rt, viewer, hospital)
+        guard_unit(rt, viewer, hospital_id, unit, "phone page")
+        return await render("phone", hospital_id, unit)
+
+    @app.get("/api/hospitals/{hospital_id}/snapshot", responses={401: {}, 403: {}})
+    async def snapshot(rt: RuntimeDep, viewer: ViewerDep, hospital_id: HospitalPath) -> BoardSnapshot:
+        guard_hospital(rt, viewer, hospital_id, "snapshot")
+        snap = rt.state.snapshot(hospital_id, rt.clock())
+        audit_units(rt, viewer, "board.snapshot.read", hospital_id, list(snap.cards))
+        return snap
+
+    @app.get(
+        "/api/hospitals/{hospital_id}/units/{unit_id}",
+        responses={401: {}, 403: {}, 404: {"description": "not inbound"}},
+    )
+    async def detail(rt: RuntimeDep, viewer: ViewerDep, hospital_id: HospitalPath, unit_id: UnitPath) -> DetailSnapshot:
+        guard_unit(rt, viewer, hospital_id, unit_id, "detail")
+        try:
+            found = rt.state.detail(hospital_id, unit_id, rt.clock())
         except NotInboundError:
             raise HTTPException(404, "unit is not inbound to this hospital") from None
+        audit_units(rt, viewer, "board.detail.read", hospital_id, [found.card])
+        return found
 
-    @app.get("/api/events")
-    async def events(rt: RuntimeDep, hospital: HospitalQuery = None, unit: UnitQuery = None) -> SseResponse:
-        hospital_id = hospital or rt.settings.default_hospital_id
+    @app.get("/api/events", responses={401: {}, 403: {}})
+    async def events(
+        rt: RuntimeDep, viewer: ViewerDep, hospital: HospitalQuery = None, unit: UnitQuery = None
+    ) -> SseResponse:
+        hospital_id = hospital_for(rt, viewer, hospital)
         now_at = rt.clock()
         if unit is None:
-            first = sse_frame(EventKind.SNAPSHOT, rt.state.snapshot(hospital_id, now_at))
+            guard_hospital(rt, viewer, hospital_id, "feed")
+            snap = rt.state.snapshot(hospital_id, now_at)
+            first = sse_frame(EventKind.SNAPSHOT, snap)
+            shown = list(snap.cards)
         else:
+            guard_unit(rt, viewer, hospital_id, unit, "feed")
             try:
-                first = sse_frame(EventKind.DETAIL, rt.state.detail(hospital_id, unit, now_at))
+                detail_snap = rt.state.detail(hospital_id, unit, now_at)
             except NotInboundError:
                 raise HTTPException(404, "unit is not inbound to this hospital") from None
+            first = sse_frame(EventKind.DETAIL, detail_snap)
+            shown = [detail_snap.card]
+        audit_units(rt, viewer, "board.feed.subscribe", hospital_id, shown)
         client = rt.hub.connect(hospital_id, unit)
+        started = time.monotonic()
+
+        async def ended() -> None:
+            rt.audit.report(
+                viewer, "board.feed.end", at=rt.clock(), hospital_id=hospital_id, unit_id=unit,
+                object_type="unit" if unit else "hospital", object_id=unit or hospital_id,
+                detail=f"seconds={time.monotonic() - started:.0f} reason={(client.close_reason or 'end')[:40]}",
+            )  # fmt: skip
+
         return SseResponse(
             rt.hub,
             client,
@@ -328,10 +495,15 @@ def create_app(
             heartbeat_s=rt.settings.heartbeat_s,
             send_timeout_s=rt.settings.send_timeout_s,
             server_clock=rt.clock,
+            background=BackgroundTask(ended),
+            expires_at=viewer.claims.expires_at,
         )
 
-    @app.post("/api/alerts/{alert_id}/ack")
-    async def acknowledge(rt: RuntimeDep, alert_id: AlertPath, body: AckCreate) -> AlertPublic:
+    @app.post("/api/alerts/{alert_id}/ack", responses={401: {}, 403: {}})
+    async def acknowledge(rt: RuntimeDep, viewer: ViewerDep, alert_id: AlertPath, body: AckCreate) -> AlertPublic:
+        if viewer.role not in ACK_ROLES or viewer.claims.hospital_id != body.hospital_id:
+            denied(rt, viewer, body.hospital_id, None, f"ack alert={alert_id}")
+            raise forbidden("only the receiving hospital's staff acknowledge")
         try:
             alert = rt.state.check_ack(alert_id, body.hospital_id, body.department)
         except UnknownAlertError:
@@ -353,6 +525,11 @@ def create_app(
             )
         except NotConnectedError:
             raise HTTPException(503, "broker link down: acknowledgement not delivered, try again") from None
+        rt.audit.report(
+            viewer, "alert.ack", at=now_at, hospital_id=body.hospital_id, unit_id=alert.unit_id, alert_id=alert_id,
+            object_type="alert", object_id=alert_id,
+            detail=f"department={body.department.value if body.department else 'all'}",
+        )  # fmt: skip
         logger.info(
             "alert acknowledged alert=%s hospital=%s role=%s department=%s",
             alert_id,
@@ -367,8 +544,11 @@ def create_app(
         return rt.state.alert(alert_id, rt.clock())
 
     @app.get("/api/units/{unit_id}/route", responses={409: {"description": "no position"}, 503: {}})
-    async def route(rt: RuntimeDep, unit_id: UnitPath, hospital: HospitalQuery = None) -> RoutePublic:
-        hospital_id = hospital or rt.settings.default_hospital_id
+    async def route(
+        rt: RuntimeDep, viewer: ViewerDep, unit_id: UnitPath, hospital: HospitalQuery = None
+    ) -> RoutePublic:
+        hospital_id = hospital_for(rt, viewer, hospital)
+        guard_unit(rt, viewer, hospital_id, unit_id, "route")
         now_at = rt.clock()
         try:
             card = rt.state.detail(hospital_id, unit_id, now_at).card
@@ -395,12 +575,16 @@ def create_app(
         )
 
     @app.get("/api/units/{unit_id}/timeline")
-    async def timeline(rt: RuntimeDep, unit_id: UnitPath, hospital: HospitalQuery = None) -> TimelinePublic:
-        hospital_id = hospital or rt.settings.default_hospital_id
+    async def timeline(
+        rt: RuntimeDep, viewer: ViewerDep, unit_id: UnitPath, hospital: HospitalQuery = None
+    ) -> TimelinePublic:
+        hospital_id = hospital_for(rt, viewer, hospital)
+        guard_unit(rt, viewer, hospital_id, unit_id, "timeline")
         try:
             card = rt.state.detail(hospital_id, unit_id, rt.clock()).card
         except NotInboundError:
             raise HTTPException(404, "unit is not inbound to this hospital") from None
+        audit_units(rt, viewer, "board.timeline.read", hospital_id, [card])
         entries = rt.state.timeline(hospital_id, unit_id)
         available = rt.directory.configured
         for alert in card.alerts:
@@ -418,7 +602,7 @@ def create_app(
 
     @app.get("/api/map/roads", responses={422: {"description": "bad bbox"}, 503: {"description": "no map"}})
     async def roads(
-        rt: RuntimeDep, bbox: Annotated[str, Query(description="south,west,north,east in degrees")]
+        rt: RuntimeDep, viewer: ViewerDep, bbox: Annotated[str, Query(description="south,west,north,east in degrees")]
     ) -> RoadsPublic:
         try:
             box = parse_bbox(bbox)
@@ -445,7 +629,76 @@ def create_app(
             resyncs_ok=rt.resync.runs_ok if rt.resync else 0,
             resync_failures=rt.resync.failures if rt.resync else 0,
             map_ways=len(rt.road_map) if rt.road_map is not None else None,
+            audit_backlog=rt.audit.backlog,
+            audit_dropped=rt.audit.counts["dropped"],
         )
+
+    # --- sign-in, forwarded to dispatch; tokens come back as HttpOnly cookies ----------------------------------
+
+    def session_cookies(rt: BoardRuntime, response: Response, body: Any) -> PrincipalPublic:
+        try:
+            token = str(body["access_token"])
+            claims = verify_token(token, rt.security.verify_keys, now=rt.clock())
+            expires_in = int(body["expires_in"])
+            refresh = body.get("refresh_token")
+            refresh_in = int(body.get("refresh_expires_in") or 0)
+        except (KeyError, TypeError, ValueError, TokenError):
+            logger.warning("dispatch answered a sign-in with a token this board cannot verify (check the keys)")
+            raise HTTPException(502, "sign-in answer not verifiable") from None
+        secure = rt.security.cookie_secure
+        response.set_cookie(
+            ACCESS_COOKIE, token, max_age=expires_in, path="/", secure=secure, httponly=True, samesite="strict"
+        )
+        if refresh:
+            response.set_cookie(
+                REFRESH_COOKIE, str(refresh), max_age=refresh_in, path="/api/auth", secure=secure, httponly=True,
+                samesite="strict",
+            )  # fmt: skip
+        response.headers["Cache-Control"] = "no-store"
+        return _principal(claims)
+
+    def clear_cookies(rt: BoardRuntime, response: Response) -> None:
+        secure = rt.security.cookie_secure
+        response.delete_cookie(ACCESS_COOKIE, path="/", secure=secure, httponly=True, samesite="strict")
+        response.delete_cookie(REFRESH_COOKIE, path="/api/auth", secure=secure, httponly=True, samesite="strict")
+
+    async def forward(rt: BoardRuntime, action: str, body: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            return await rt.directory.forward_auth(action, body)
+        except DispatchUnavailableError as exc:
+            logger.warning("sign-in service unavailable action=%s reason=%s", action, exc.reason)
+            raise HTTPException(503, "sign-in service (dispatch) unavailable") from None
+
+    @app.post("/api/auth/login", responses={401: {}, 423: {"description": "locked"}, 503: {}})
+    async def login(rt: RuntimeDep, body: LoginCreate, response: Response) -> PrincipalPublic:
+        code, answer = await forward(rt, "login", body.model_dump(exclude_none=True))
+        if code != 200:
+            detail = answer.get("detail") if isinstance(answer, dict) else None
+            raise HTTPException(code if code in (401, 422, 423) else 502, detail if isinstance(detail, str) else "")
+        return session_cookies(rt, response, answer)
+
+    @app.post("/api/auth/refresh", response_model=PrincipalPublic, responses={401: {}, 503: {}})
+    async def refresh(rt: RuntimeDep, request: Request, response: Response) -> Any:
+        token = request.cookies.get(REFRESH_COOKIE)
+        if not token:
+            raise HTTPException(401, "no session")
+        code, answer = await forward(rt, "refresh", {"refresh_token": token})
+        if code != 200:
+            failed = JSONResponse({"detail": "session ended"}, status_code=401)
+            clear_cookies(rt, failed)
+            return failed
+        return session_cookies(rt, response, answer)
+
+    @app.post("/api/auth/logout", status_code=204, response_model=None)
+    async def logout(rt: RuntimeDep, request: Request, response: Response) -> None:
+        token = request.cookies.get(REFRESH_COOKIE)
+        if token and rt.directory.configured:
+            await forward(rt, "logout", {"refresh_token": token})
+        clear_cookies(rt, response)
+
+    @app.get("/api/auth/me", responses={401: {}})
+    async def me(viewer: ViewerDep) -> PrincipalPublic:
+        return _principal(viewer.claims)
 
     return app
 

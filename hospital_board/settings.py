@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic import AliasChoices, AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker_config import BrokerSettings
+from broker_config.identity import SUBJECT_PATTERN, SecurityMode, load_verify_key
 from broker_config.topics import ID_PATTERN
 
 __all__ = ["DEFAULT_MAP_PBF", "BoardSettings"]
@@ -21,6 +23,9 @@ class BoardSettings(BaseSettings):
     """How the board connects, which hospital it shows by default, and its feed limits.
 
     Every limit is bounded so that a bad value refuses to start rather than producing an unbounded queue.
+    Security: outside development mode the board refuses to start without dispatch's verification key(s), without
+    dispatch's URL (sign-in and the audit trail live there) and without its own service credentials; development
+    mode refuses a non-loopback bind address.
     ``stale_after_s``: a vital sign older than this is shown greyed with its age, never as current (the
     monitors in the ambulance report every 1-5 s, so 10 s means at least two reports were missed).
     """
@@ -74,9 +79,60 @@ class BoardSettings(BaseSettings):
     unit_retention_s: Annotated[float, Field(gt=0)] = 6 * 3_600.0
     """A unit heard from by nobody for this long and not inbound anywhere is forgotten."""
 
+    http_host: str = "127.0.0.1"
+    """``EMS_BOARD_HTTP_HOST``: the address ``python -m hospital_board`` binds."""
+    http_port: Annotated[int, Field(ge=1, le=65535)] = 8090
+    security_mode: SecurityMode = Field(
+        SecurityMode.PRODUCTION, validation_alias=AliasChoices("security_mode", "EMS_SECURITY_MODE")
+    )
+    """``EMS_SECURITY_MODE`` (shared with dispatch): ``production`` unless ``development`` is asked for."""
+    verify_keys: tuple[str, ...] = ()
+    """``EMS_BOARD_VERIFY_KEYS`` (JSON list): dispatch's Ed25519 public key(s), base64url of 32 bytes or PEM; the
+    current one and any retired ones still accepted.  Public keys, not secrets."""
+    dispatch_client_id: Annotated[str, Field(pattern=SUBJECT_PATTERN.pattern)] | None = None
+    """The board's service account at dispatch (role ``service``): fetches alerts and routes, reports audit events."""
+    dispatch_client_secret: SecretStr | None = None
+    """``EMS_BOARD_DISPATCH_CLIENT_SECRET``: that account's secret (at least 32 characters)."""
+    cookie_secure: bool | None = None
+    """Mark session cookies ``Secure`` (HTTPS only); default True outside development."""
+    audit_queue_items: Annotated[int, Field(ge=100, le=1_000_000)] = 20_000
+    """Audit events waiting for dispatch; beyond this they are dropped and counted (never blocking a display)."""
+
+    @field_validator("verify_keys")
+    @classmethod
+    def _keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for text in value:
+            load_verify_key(text)
+        return value
+
+    @model_validator(mode="after")
+    def _security(self) -> Self:
+        secret = self.dispatch_client_secret.get_secret_value() if self.dispatch_client_secret else None
+        if secret is not None and len(secret) < 32:
+            raise ValueError("dispatch_client_secret must be at least 32 characters")
+        if (self.dispatch_client_id is None) != (secret is None):
+            raise ValueError("give both dispatch_client_id and dispatch_client_secret, or neither")
+        if self.security_mode is SecurityMode.PRODUCTION:
+            if not self.verify_keys:
+                raise ValueError("EMS_BOARD_VERIFY_KEYS is required outside development mode")
+            if self.dispatch_url is None or secret is None:
+                raise ValueError("dispatch_url and the board's dispatch client credentials are required in production")
+        elif not _loopback(self.http_host):
+            raise ValueError("development mode serves on a loopback address only (http_host)")
+        return self
+
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
         if value and (not value.endswith("/") or any(c in value for c in "+#")):
             raise ValueError("topic_prefix must end with '/' and contain no wildcard")
         return value
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 import sys
 from collections.abc import Callable
@@ -22,10 +23,13 @@ from fastapi import FastAPI
 
 from broker_config import BrokerSettings, CaseType, Findings, TopicSpace
 from broker_config.embedded import EmbeddedBroker, free_port
+from broker_config.identity import SecurityMode
+from dispatch.accounts import DemoAccount, create_demo_accounts
 from dispatch.api import create_app as create_dispatch_app
 from dispatch.hospitals import DATA_DIR as DISPATCH_DATA
 from dispatch.hospitals import HospitalRegistry
 from dispatch.routing import RoadRouter
+from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
 from hospital_board.main import create_app as create_board_app
 from hospital_board.settings import BoardSettings
@@ -111,6 +115,8 @@ class DemoRunning:
     dispatch: DispatchService
     units: list[SimulatedUnit]
     scripts: list[CaseScript]
+    accounts: list[DemoAccount] = field(default_factory=list)
+    """Development accounts, one per role, with random passwords (printed once by :func:`banner`)."""
 
 
 def _port_or_free(host: str, port: int) -> int:
@@ -153,14 +159,22 @@ async def run_demo(options: DemoOptions, on_ready: Callable[[DemoRunning], None]
         dispatch_port = _port_or_free(options.host, options.dispatch_port)
         board_port = _port_or_free(options.host, options.board_port)
         dispatch_url = f"http://{options.host}:{dispatch_port}"
+        # Development mode (the demo only): a signing key for this run, random demo passwords, loopback only.
+        security = DispatchSecurity.development()
+        board_secret = secrets.token_urlsafe(32)
         board_settings = BoardSettings(
             broker=broker,
             topic_prefix=options.topic_prefix,
             default_hospital_id=options.hospital_id,
             dispatch_url=dispatch_url,
+            security_mode=SecurityMode.DEVELOPMENT,
+            http_host=options.host,
+            verify_keys=(security.verify_key_text,),
+            dispatch_client_id="board",
+            dispatch_client_secret=board_secret,
         )
         servers = [
-            _server(create_dispatch_app(service=dispatch), options.host, dispatch_port),
+            _server(create_dispatch_app(service=dispatch, security=security), options.host, dispatch_port),
             _server(create_board_app(board_settings), options.host, board_port),
         ]
         units = [
@@ -197,7 +211,13 @@ async def run_demo(options: DemoOptions, on_ready: Callable[[DemoRunning], None]
             async with asyncio.timeout(60):
                 while not all(s.started for s in servers):  # noqa: ASYNC110 - uvicorn offers only a flag
                     await asyncio.sleep(0.05)
-                await dispatch.wait_ready(60)
+                await dispatch.wait_ready(60)  # the repository is open: the accounts can be stored
+                running.accounts = await create_demo_accounts(
+                    security.account_service(dispatch.repo),
+                    hospital_id=options.hospital_id,
+                    unit_id=DEMO_UNITS[0].unit_id,
+                    board_service=("board", board_secret),
+                )
                 # The store must be subscribed before the first ambulance speaks, or its first messages have no
                 # session to wait in.
                 ingest = await ingest_built.get()
@@ -227,6 +247,12 @@ def banner(running: DemoRunning) -> None:
         f"  Dispatch API: {running.dispatch_url}/docs\n"
         f"  Telemetry store: {running.database_url.split('@')[-1]}\n"
         f"  Broker: {running.broker.url}\n"
-        "Three ambulances are streaming real MIT-BIH ECG; AMB1 will raise a STEMI pre-alert. Ctrl-C stops.\n\n"
+        "Three ambulances are streaming real MIT-BIH ECG; AMB1 will raise a STEMI pre-alert. Ctrl-C stops.\n"
+        "Development accounts (random passwords, shown only now; sign in as 'ed' on the board):\n"
+        + "".join(
+            f"  {a.username:<11} {a.role.value:<18} {a.hospital_id or a.unit_id or '':<8} {a.password}\n"
+            for a in running.accounts
+        )
+        + "\n"
     )
     sys.stdout.flush()

@@ -27,6 +27,13 @@
       init.body = JSON.stringify(body);
     }
     const resp = await fetch(path, init);
+    if (resp.status === 401) {
+      // no or expired session: the HttpOnly cookie is renewed at /api/auth/refresh, else sign in again
+      const renewed = await fetch("/api/auth/refresh", { method: "POST" });
+      if (renewed.ok) return api(method, path, body);
+      location.href = "/login?next=" + encodeURIComponent(location.pathname);
+      throw new Error("sign-in required");
+    }
     let data = null;
     try { data = await resp.json(); } catch (e) { data = null; }
     if (!resp.ok) {

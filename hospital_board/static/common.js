@@ -100,6 +100,48 @@ window.GH = (function () {
     return e;
   }
 
+  // --- session -----------------------------------------------------------------------------------------------
+  // The access token lives in an HttpOnly cookie this script cannot read. It asks the server when the token expires
+  // (/api/auth/me), refreshes it two minutes before (POST /api/auth/refresh rotates both cookies), and goes to the
+  // sign-in page when the session has ended. The event stream closes itself when its token expires and reconnects
+  // with the refreshed cookie.
+  const session = { expiresAt: null, timer: null };
+  function toLogin() {
+    location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+  }
+  async function refreshSession() {
+    try {
+      const res = await fetch("/api/auth/refresh", { method: "POST", credentials: "same-origin" });
+      if (res.status === 401) {
+        // another tab may have rotated the cookie a moment ago: believe the server's /me before leaving
+        const me = await fetch("/api/auth/me", { credentials: "same-origin" });
+        if (!me.ok) { toLogin(); return; }
+        scheduleRefresh((await me.json()).expires_at);
+        return;
+      }
+      if (res.ok) scheduleRefresh((await res.json()).expires_at);
+      else scheduleRetry();
+    } catch (e) { scheduleRetry(); }
+  }
+  function scheduleRetry() {
+    clearTimeout(session.timer);
+    session.timer = setTimeout(refreshSession, 15000);
+  }
+  function scheduleRefresh(expiresIso) {
+    session.expiresAt = Date.parse(expiresIso);
+    const inMs = Math.max(5000, session.expiresAt - Date.now() - 120000 + Math.random() * 20000);
+    clearTimeout(session.timer);
+    session.timer = setTimeout(refreshSession, inMs);
+  }
+  async function checkSession() {
+    try {
+      const res = await fetch("/api/auth/me", { credentials: "same-origin" });
+      if (res.status === 401) { await refreshSession(); return; }
+      if (res.ok) scheduleRefresh((await res.json()).expires_at);
+    } catch (e) { /* offline: the feed's watchdog keeps trying */ }
+  }
+  checkSession();
+
   // --- live feed ---------------------------------------------------------------------------------------------
   // EventSource with a watchdog: the server sends a "tick" when idle, so silence longer than stallMs means the link
   // is dead even if the socket looks open; the page then reconnects and gets a full snapshot (resync).
@@ -113,7 +155,7 @@ window.GH = (function () {
       source = new EventSource(url);
       lastPerf = performance.now();
       source.onopen = () => { lastPerf = performance.now(); };
-      source.onerror = () => { setState("reconnecting"); };
+      source.onerror = () => { setState("reconnecting"); checkSession(); };
       Object.keys(handlers).forEach((name) => {
         source.addEventListener(name, (msg) => {
           lastPerf = performance.now();
@@ -153,6 +195,7 @@ window.GH = (function () {
       if (department) body.department = department;
       const res = await fetch("/api/alerts/" + encodeURIComponent(alertId) + "/ack", {
         method: "POST",
+        credentials: "same-origin",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
         signal: ctrl.signal,
@@ -453,7 +496,7 @@ window.GH = (function () {
     PRIO_RANK, PRIO_TEXT, CASE_TEXT, DEPT_TEXT, STATUS_TEXT,
     parseT, syncServer, serverNow, refOf, ageSince,
     setText, fmtAge, fmtClock, fmtCountdown, fmt, ageBand, el,
-    connectFeed, renderLink, postAck, renderActivations, tickActivations,
+    connectFeed, renderLink, postAck, renderActivations, tickActivations, checkSession,
     setVital, tickVital, renderVitals,
     newStrip, addSegment, drawStrip, stripState, stripLeads,
     makeAlarm, pxPerMm,

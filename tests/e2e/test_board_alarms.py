@@ -358,9 +358,9 @@ async def test_patient_detail_and_phone_views(embedded_broker: BrokerSettings, t
             " && document.querySelector('#map-state').textContent",
         )
         assert state == "NO POSITION", "a unit without a fix is listed, never drawn at 0,0 (FF-15)"
-        not_ours = await cdp.open_page(f"{url}/unit/U1?hospital=HB")
-        await cdp.wait_in_page(not_ours, "document.querySelector('#link').textContent !== 'CONNECTING'")
-        assert await cdp.evaluate(not_ours, "document.querySelector('[data-vital=hr] .v-value').textContent") == "--"
+        # another hospital's patient view is refused to this hospital's staff (DOMAIN.md section 11)
+        not_ours = await cdp.evaluate(other, "fetch('/unit/U1?hospital=HB').then((r) => r.status)")
+        assert not_ours == 403
 
         phone = await cdp.open_page(f"{url}/phone?hospital=HA&unit=U2", width=390, height=844, mobile=True)
         await cdp.wait_in_page(

@@ -49,6 +49,7 @@ from broker_config import (
     decode_as,
     encode,
 )
+from broker_config.identity import ACCESS_COOKIE, Role, generate_signing_key, issue_token, verify_key_text
 from hospital_board.main import BoardRuntime, create_app
 from hospital_board.settings import BoardSettings
 
@@ -57,6 +58,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 MITDB = ROOT / "simulators" / "data" / "mitdb"
+BOARD_SESSIONS: dict[str, str] = {}
+"""Board base URL -> the access token the browser carries there (an ED staff member of hospital HA)."""
 NOTE = 'Name <unknown>, SpO2 88% & St Mary\'s "ward" `x` <img src=x onerror="window.__pwned=1">'
 
 
@@ -101,6 +104,8 @@ class Cdp:
                     return event
 
     async def call(self, method: str, session: str | None = None, timeout_s: float = 15, **params: Any) -> Any:
+        if method == "Page.navigate":
+            await self.sign_in(str(params["url"]))
         call_id = next(self.ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[call_id] = future
@@ -113,6 +118,13 @@ class Cdp:
         if "error" in reply:
             raise RuntimeError(f"{method}: {reply['error']}")
         return reply.get("result", {})
+
+    async def sign_in(self, url: str) -> None:
+        """Put the board's session cookie (HttpOnly, SameSite=Strict) into the browser before it opens ``url``."""
+        for base, token in BOARD_SESSIONS.items():
+            if url.startswith(base):
+                cookie = {"name": ACCESS_COOKIE, "value": token, "url": base, "httpOnly": True, "sameSite": "Strict"}
+                await self.call("Storage.setCookies", cookies=[cookie])
 
     async def evaluate(self, session: str, expression: str, timeout_s: float = 15) -> Any:
         result = await self.call(
@@ -234,18 +246,32 @@ async def chromium(*extra_args: str) -> AsyncIterator[Cdp]:
 async def board_server(
     broker: BrokerSettings, space: TopicSpace, **overrides: Any
 ) -> AsyncIterator[tuple[str, BoardRuntime]]:
-    settings = BoardSettings(broker=broker, topic_prefix=space.prefix, default_hospital_id="HA", **overrides)
+    key = generate_signing_key()
+    settings = BoardSettings(
+        broker=broker,
+        topic_prefix=space.prefix,
+        default_hospital_id="HA",
+        security_mode="development",
+        verify_keys=(verify_key_text(key),),
+        **overrides,
+    )
     app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    token, _ = issue_token(
+        key, subject="ed-nurse", role=Role.ED_STAFF, hospital_id="HA", ttl_s=3_600, now=datetime.now(UTC)
+    )
+    BOARD_SESSIONS[base] = token
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, access_log=False))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     runtime: BoardRuntime = app.state.board
     try:
         await runtime.link.wait_connected(15)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", runtime
+        yield base, runtime
     finally:
+        BOARD_SESSIONS.pop(base, None)
         server.should_exit = True
         async with asyncio.timeout(15):
             await serving

@@ -43,9 +43,11 @@ from broker_config import (
     encode,
     utc_now,
 )
+from broker_config.identity import ACCESS_COOKIE, Role
 from dispatch.api import create_app
 from dispatch.hospitals import DATA_DIR, HospitalRegistry
 from dispatch.routing import RoadRouter
+from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.integration]
@@ -185,12 +187,15 @@ async def chromium() -> AsyncIterator[Cdp]:
 
 
 @asynccontextmanager
-async def dispatch_server(broker: BrokerSettings, space: TopicSpace) -> AsyncIterator[tuple[str, DispatchService]]:
+async def dispatch_server(
+    broker: BrokerSettings, space: TopicSpace
+) -> AsyncIterator[tuple[str, DispatchService, DispatchSecurity]]:
     router = await asyncio.to_thread(RoadRouter.from_pbf, DATA_DIR / "monaco.osm.pbf")
     service = DispatchService(
         broker, space, HospitalRegistry.load(), router, client_id=f"dispatch-{uuid.uuid4().hex[:8]}"
     )
-    app = create_app(service=service)
+    security = DispatchSecurity.development()
+    app = create_app(service=service, security=security)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -200,7 +205,7 @@ async def dispatch_server(broker: BrokerSettings, space: TopicSpace) -> AsyncIte
         serving = tg.create_task(server.serve(sockets=[sock]))
         try:
             await service.wait_ready(15)
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}", service
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}", service, security
         finally:
             server.should_exit = True
             async with asyncio.timeout(15):
@@ -216,7 +221,7 @@ async def test_console_creates_incident_and_assigns_recommended_unit(
     space = topic_space
     notices: asyncio.Queue[Notice] = asyncio.Queue()
     async with (
-        dispatch_server(mqtt_settings, space) as (url, service),
+        dispatch_server(mqtt_settings, space) as (url, service, security),
         aiomqtt.Client(mqtt_settings.host, mqtt_settings.port, identifier=f"t-{uuid.uuid4().hex[:8]}") as mqtt,
         chromium() as cdp,
     ):
@@ -259,6 +264,11 @@ async def test_console_creates_incident_and_assigns_recommended_unit(
                 mobile=False,
             )
             await cdp.call("Page.enable", session)
+            await cdp.call("Network.enable", session)
+            token = security.issue("dispatcher-1", Role.DISPATCHER)
+            await cdp.call(
+                "Network.setCookie", session, name=ACCESS_COOKIE, value=token, url=url, httpOnly=True, sameSite="Strict"
+            )
             await cdp.call("Page.navigate", session, url=f"{url}/console")
             await cdp.wait_event("Page.loadEventFired")
             await cdp.wait_in_page(session, "window.ghConsole && window.ghConsole.ready()")

@@ -20,6 +20,7 @@ import pytest
 import wfdb
 
 from broker_config import AlertState, BrokerSettings, CaseType, Stream, TopicSpace
+from broker_config.identity import Role
 from simulators.demo import DEMO_HOSPITAL_ID, DemoOptions, DemoRunning, run_demo
 from simulators.fleet import DATA_DIR
 from telemetry.store import open_store
@@ -72,6 +73,16 @@ async def board_client() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+async def sign_in(client: httpx.AsyncClient, running: DemoRunning) -> None:
+    """Sign in on the board as the demo's ED staff account; the HttpOnly session cookies land in the client's jar
+    (and reach dispatch too: cookies are per host, not per port)."""
+    base = running.board_url.split("/?")[0]
+    ed = next(a for a in running.accounts if a.role is Role.ED_STAFF)
+    response = await client.post(f"{base}/api/auth/login", json={"username": ed.username, "password": ed.password})
+    assert response.status_code == 200, response.text
+    assert response.json()["hospital_id"] == DEMO_HOSPITAL_ID
+
+
 async def wait_for_board(client: httpx.AsyncClient, running: DemoRunning, timeout_s: float) -> dict[str, object]:
     """Poll the board's snapshot until three inbound units show an ECG-derived heart rate and the STEMI alert."""
     base = running.board_url.split("/?")[0]
@@ -122,6 +133,9 @@ async def test_demo_on_the_embedded_default_shows_three_inbound_and_the_acknowle
     async with Demo(options) as running:
         assert running.broker.host == "127.0.0.1"
         assert running.database_url.startswith("sqlite:///")
+        base = running.board_url.split("/?")[0]
+        assert (await board_client.get(f"{base}/api/hospitals/{DEMO_HOSPITAL_ID}/snapshot")).status_code == 401
+        await sign_in(board_client, running)
         started = asyncio.get_running_loop().time()
         snap = await wait_for_board(board_client, running, timeout_s=30)
         assert asyncio.get_running_loop().time() - started < 30
@@ -154,6 +168,7 @@ async def test_the_path_on_real_mosquitto_and_postgresql(
     )
     async with Demo(options) as running:
         base = running.board_url.split("/?")[0]
+        await sign_in(board_client, running)
         feed_saw_alert = asyncio.Event()
 
         async def read_feed() -> None:

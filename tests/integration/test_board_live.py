@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import uvicorn
 import wfdb
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel
 
 from broker_config import (
@@ -48,6 +49,7 @@ from broker_config import (
     ecg_to_mv,
     encode,
 )
+from broker_config.identity import Role, generate_signing_key, issue_token, verify_key_text
 from hospital_board.main import BoardRuntime, create_app
 from hospital_board.settings import BoardSettings
 
@@ -213,7 +215,14 @@ class Board:
     port: int
     runtime: BoardRuntime
     http: httpx.AsyncClient
+    key: Ed25519PrivateKey
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def auth(self, role: Role = Role.DISPATCHER, hospital_id: str | None = None) -> dict[str, str]:
+        """An Authorization header for a token of ``role`` (signed with the key the board trusts)."""
+        token, _ = issue_token(self.key, subject=f"t-{role.value}", role=role, ttl_s=600, now=datetime.now(UTC),
+                               hospital_id=hospital_id)  # fmt: skip
+        return {"Authorization": f"Bearer {token}"}
 
     def watch(self, hospital_id: str) -> SseLog:
         log = SseLog()
@@ -227,8 +236,15 @@ async def board_server(
     broker: BrokerSettings, space: TopicSpace, *, sndbuf_bytes: int | None = None, **overrides: Any
 ) -> AsyncIterator[Board]:
     """The board app under a real uvicorn on a pre-bound loopback socket (clients may connect at once)."""
+    key = generate_signing_key()
     settings = BoardSettings(
-        broker=broker, topic_prefix=space.prefix, default_hospital_id="HA", heartbeat_s=0.5, **overrides
+        broker=broker,
+        topic_prefix=space.prefix,
+        default_hospital_id="HA",
+        heartbeat_s=0.5,
+        security_mode="development",
+        verify_keys=(verify_key_text(key),),
+        **overrides,
     )
     app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -243,8 +259,9 @@ async def board_server(
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     runtime: BoardRuntime = app.state.board
     url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(timeout=10) as http:
-        board = Board(url, port, runtime, http)
+    viewer, _ = issue_token(key, subject="t-dispatcher", role=Role.DISPATCHER, ttl_s=600, now=datetime.now(UTC))
+    async with httpx.AsyncClient(timeout=10, headers={"Authorization": f"Bearer {viewer}"}) as http:
+        board = Board(url, port, runtime, http, key)
         try:
             await runtime.link.wait_connected(15)
             yield board
@@ -347,8 +364,9 @@ async def alert_vitals_ecg_ack_scenario(broker: BrokerSettings, space: TopicSpac
             assert "U1" not in feed_b.units_seen()
 
             # One-click acknowledge: AlertAck(acknowledged) on A's ack topic, and the board shows it.
+            ed_a = board.auth(Role.ED_STAFF, "HA")
             r = await board.http.post(
-                f"{board.url}/api/alerts/a1/ack", json={"hospital_id": "HA", "by_role": "cath_lab"}
+                f"{board.url}/api/alerts/a1/ack", json={"hospital_id": "HA", "by_role": "cath_lab"}, headers=ed_a
             )
             assert r.status_code == 200, r.text
             assert r.json()["state"] == "acknowledged"
@@ -357,11 +375,11 @@ async def alert_vitals_ecg_ack_scenario(broker: BrokerSettings, space: TopicSpac
             await feed_a.wait_for(lambda n, d: n == "alert" and d["alert"]["state"] == "acknowledged")
             assert "U2" not in feed_a.units_seen()
 
-            wrong = await board.http.post(f"{board.url}/api/alerts/b1/ack", json={"hospital_id": "HA"})
+            wrong = await board.http.post(f"{board.url}/api/alerts/b1/ack", json={"hospital_id": "HA"}, headers=ed_a)
             assert wrong.status_code == 409
-            unknown = await board.http.post(f"{board.url}/api/alerts/zz9/ack", json={"hospital_id": "HA"})
+            unknown = await board.http.post(f"{board.url}/api/alerts/zz9/ack", json={"hospital_id": "HA"}, headers=ed_a)
             assert unknown.status_code == 404
-            bad = await board.http.post(f"{board.url}/api/alerts/a1/ack", json={"hospital_id": "../x"})
+            bad = await board.http.post(f"{board.url}/api/alerts/a1/ack", json={"hospital_id": "../x"}, headers=ed_a)
             assert bad.status_code == 422
 
             snap = (await board.http.get(f"{board.url}/api/hospitals/HA/snapshot")).json()
@@ -389,12 +407,15 @@ async def test_board_end_to_end_real_mosquitto(mqtt_settings: BrokerSettings, to
 # --- FF-14 and FF-13 -------------------------------------------------------------------------------------------------
 
 
-def raw_sse_client(port: int, hospital_id: str, rcvbuf_bytes: int = 4096) -> socket.socket:
+def raw_sse_client(port: int, hospital_id: str, authorization: str, rcvbuf_bytes: int = 4096) -> socket.socket:
     """A board that connects, asks for the stream, and then never reads (tablet on bad Wi-Fi)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
     sock.connect(("127.0.0.1", port))
-    request = f"GET /api/events?hospital={hospital_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+    request = (
+        f"GET /api/events?hospital={hospital_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+        f"Authorization: {authorization}\r\n\r\n"
+    )
     sock.sendall(request.encode())
     return sock
 
@@ -415,7 +436,7 @@ async def test_board_that_stops_reading_does_not_stall_the_others(
         bus(mqtt_settings, topic_space) as (_, pub),
     ):
         hub = board.runtime.hub
-        slow = raw_sse_client(board.port, "HA")
+        slow = raw_sse_client(board.port, "HA", board.auth()["Authorization"])
         try:
             fast = board.watch("HA")
             await fast.wait_for(lambda n, d: n == "snapshot")
@@ -446,7 +467,7 @@ async def test_board_killed_abruptly_leaves_the_registry_within_a_heartbeat(
         hub = board.runtime.hub
         other = board.watch("HA")
         await other.wait_for(lambda n, d: n == "snapshot")
-        victim = raw_sse_client(board.port, "HA", rcvbuf_bytes=65536)
+        victim = raw_sse_client(board.port, "HA", board.auth()["Authorization"], rcvbuf_bytes=65536)
         await hub.wait_until(lambda h: h.count("HA") == 2, timeout_s=10)
         victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
         victim.close()

@@ -41,9 +41,11 @@ from broker_config import (
     encode,
     utc_now,
 )
+from broker_config.identity import Role
 from dispatch.api import create_app
 from dispatch.hospitals import DATA_DIR, HospitalRegistry
 from dispatch.routing import RoadRouter
+from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
 from dispatch.sql_repository import SqlRepository
 
@@ -144,13 +146,15 @@ async def running(
         repository=SqlRepository.from_url(pg_url),
         clock=clock,
     )
-    app = create_app(service=service)
+    security = DispatchSecurity.development(clock=clock, access_ttl_s=24 * 3600)  # the test clock jumps hours
+    app = create_app(service=service, security=security)
+    headers = {"Authorization": f"Bearer {security.issue('admin', Role.ADMINISTRATOR)}"}
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(service.run())
         try:
             await service.wait_ready(15)
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://dispatch") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://dispatch", headers=headers) as client:
                 yield service, client
         finally:
             task.cancel()

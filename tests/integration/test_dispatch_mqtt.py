@@ -36,9 +36,11 @@ from broker_config import (
     encode,
     utc_now,
 )
+from broker_config.identity import Role, generate_signing_key, signing_key_text
 from dispatch.api import create_app
 from dispatch.hospitals import DATA_DIR, HospitalRegistry
 from dispatch.routing import RoadRouter
+from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
 from dispatch.settings import DispatchSettings
 
@@ -145,7 +147,10 @@ async def drive_stemi_scenario(service: DispatchService, app: FastAPI, crew: Cre
     assert relayed.kind is NoticeKind.ALERT_STATE
     assert relayed.alert_state is AlertState.ACKNOWLEDGED
 
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dispatch") as http:
+    token = app.state.security.security.issue("admin", Role.ADMINISTRATOR)
+    transport = httpx.ASGITransport(app=app)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://dispatch", headers=headers) as http:
         detail = (await http.get("/api/alerts/ALERT-1")).json()
         assert detail["state"] == "acknowledged"
         assert detail["hospital_id"] == "MC-CCM"
@@ -172,7 +177,11 @@ async def test_stemi_prealert_via_embedded_broker_app_owns_service(
     embedded_broker: BrokerSettings, topic_space: TopicSpace, router: RoadRouter
 ) -> None:
     broker = embedded_broker.model_copy(update={"topic_prefix": topic_space.prefix})
-    settings = DispatchSettings(broker=broker, client_id=f"goldenhour-dispatch-{uuid.uuid4().hex[:8]}")
+    settings = DispatchSettings(
+        broker=broker,
+        client_id=f"goldenhour-dispatch-{uuid.uuid4().hex[:8]}",
+        signing_key=signing_key_text(generate_signing_key()),
+    )
     app = create_app(settings, router=router)
     async with app.router.lifespan_context(app):
         service: DispatchService = app.state.service
@@ -186,7 +195,7 @@ async def test_stemi_prealert_via_mosquitto_caller_runs_service(
 ) -> None:
     client_id = f"goldenhour-dispatch-{uuid.uuid4().hex[:8]}"
     service = DispatchService(mqtt_settings, topic_space, HospitalRegistry.load(), router, client_id=client_id)
-    app = create_app(service=service)
+    app = create_app(service=service, security=DispatchSecurity.development())
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(service.run())
         try:

@@ -21,6 +21,7 @@ from broker_config import (
     encode,
 )
 from broker_config.connection import MqttLink
+from broker_config.identity import Role, generate_signing_key, issue_token, verify_key_text
 from hospital_board.feed import FeedHub
 from hospital_board.main import create_app
 from hospital_board.settings import BoardSettings
@@ -58,11 +59,20 @@ async def test_page_chooses_hospital_and_escapes_the_dispatch_name() -> None:
         hospital = {"hospital_id": "HB", "name": 'St Mary\'s <b>"ED"</b> & `co`', "lat_deg": 43.7, "lon_deg": 7.4}
         return httpx.Response(200, json=[hospital, {"hospital_id": "HC", "name": "  "}, {"bad": 1}])
 
-    settings = BoardSettings(broker=BrokerSettings(), default_hospital_id="HA")
+    key = generate_signing_key()
+    settings = BoardSettings(
+        broker=BrokerSettings(),
+        default_hospital_id="HA",
+        security_mode="development",
+        verify_keys=(verify_key_text(key),),
+    )
     app = create_app(settings)
+    token, _ = issue_token(key, subject="disp", role=Role.DISPATCHER, ttl_s=600, now=datetime.now(UTC))
+    headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(transport=httpx.MockTransport(dispatch)) as fake_dispatch:
         app.state.board.directory = HospitalDirectory(fake_dispatch, "http://dispatch")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://board") as client:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://board", headers=headers) as client:
             default = await client.get("/")
             assert 'data-hospital="HA"' in default.text
             assert "script-src 'self'" in default.headers["content-security-policy"]

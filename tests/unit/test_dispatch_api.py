@@ -11,9 +11,11 @@ import pytest
 
 from broker_config import BrokerSettings, TopicSpace
 from broker_config.connection import NotConnectedError
+from broker_config.identity import Role
 from dispatch.api import create_app
 from dispatch.hospitals import DATA_DIR, HospitalRegistry
 from dispatch.routing import RoadRouter
+from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
 
 
@@ -38,8 +40,11 @@ def router() -> RoadRouter:
 async def client(router: RoadRouter) -> AsyncIterator[httpx.AsyncClient]:
     service = DispatchService(BrokerSettings(), TopicSpace("api-test/"), HospitalRegistry.load(), router)
     service.link = RecordingLink()  # type: ignore[assignment]
-    app = create_app(service=service)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dispatch") as c:
+    security = DispatchSecurity.development()
+    app = create_app(service=service, security=security)
+    headers = {"Authorization": f"Bearer {security.issue('admin', Role.ADMINISTRATOR)}"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://dispatch", headers=headers) as c:
         yield c
 
 

@@ -31,6 +31,7 @@ from broker_config import (
     encode,
 )
 from broker_config.connection import NotConnectedError
+from broker_config.identity import Role
 from dispatch.api import create_app
 from dispatch.errors import TimelineOrderError
 from dispatch.hospitals import DATA_DIR, HospitalRegistry
@@ -38,6 +39,7 @@ from dispatch.incidents import advances, rank_units, within_geofence
 from dispatch.repository import UnitRecord
 from dispatch.roadmap import road_map, simplify
 from dispatch.routing import RoadRouter
+from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
 from dispatch.timeline import TimePoint, TimeSource, append_event
 
@@ -102,8 +104,11 @@ def service(router: RoadRouter, clock: Clock) -> DispatchService:
 
 @pytest.fixture
 async def client(service: DispatchService) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(service=service)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dispatch") as c:
+    security = DispatchSecurity.development(clock=service.clock, access_ttl_s=24 * 3600)  # the test clock jumps hours
+    app = create_app(service=service, security=security)
+    headers = {"Authorization": f"Bearer {security.issue('admin', Role.ADMINISTRATOR)}"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://dispatch", headers=headers) as c:
         yield c
 
 

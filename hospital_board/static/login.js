@@ -1,0 +1,45 @@
+// Sign-in: POST /api/auth/login (the server forwards it to dispatch and answers with HttpOnly session cookies),
+// then back to the page that sent us here (same-origin paths only, never another site).
+"use strict";
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const params = new URLSearchParams(location.search);
+  const next = params.get("next");
+  const target = next && next.startsWith("/") && !next.startsWith("//") ? next : (document.body.dataset.home || "/");
+  const say = (text) => { $("message").textContent = text; };
+
+  $("login-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    say("");
+    const body = { username: $("username").value, password: $("password").value };
+    const code = $("totp").value.trim();
+    if (code) body.totp = code;
+    $("submit").disabled = true;
+    try {
+      const res = await fetch("/api/auth/login", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      if (res.ok) { location.replace(target); return; }
+      let detail = "";
+      try { detail = (await res.json()).detail || ""; } catch (e) { detail = ""; }
+      if (res.status === 401 && detail === "totp_required") {
+        $("totp-row").classList.remove("hidden");
+        $("totp").focus();
+        say("Enter the 6-digit code from your authenticator app.");
+      } else if (res.status === 423) {
+        say("Account locked after repeated failed sign-ins. Try again in 15 minutes or call the administrator.");
+      } else if (res.status === 401) {
+        say("Wrong username, password or code.");
+      } else {
+        say("Sign-in is unavailable right now (HTTP " + res.status + ").");
+      }
+    } catch (e) {
+      say("No connection to the server.");
+    } finally {
+      $("submit").disabled = false;
+    }
+  });
+})();
