@@ -244,7 +244,7 @@ def banner(running: DemoRunning) -> None:
     sys.stdout.write(
         "\nGoldenHour demo is running.\n"
         f"  ED board (Centre Cardio-Thoracique de Monaco): {running.board_url}\n"
-        f"  Dispatch API: {running.dispatch_url}/docs\n"
+        f"  Dispatcher console: {running.dispatch_url}/console   (API: {running.dispatch_url}/docs)\n"
         f"  Telemetry store: {running.database_url.split('@')[-1]}\n"
         f"  Broker: {running.broker.url}\n"
         "Three ambulances are streaming real MIT-BIH ECG; AMB1 will raise a STEMI pre-alert. Ctrl-C stops.\n"
