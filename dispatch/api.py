@@ -32,6 +32,7 @@ from dispatch.auth_api import auth_router
 from dispatch.cases_api import cases_router
 from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
 from dispatch.errors import RoutingError, StoreError, UnknownHospitalError
+from dispatch.external_routing import OsrmRouter, Router
 from dispatch.geo import valid_position_deg
 from dispatch.hospitals import Hospital, HospitalRegistry, HospitalStatus
 from dispatch.repository import AlertRecord, UnitRecord
@@ -66,11 +67,15 @@ def build_service(
     settings: DispatchSettings,
     *,
     registry: HospitalRegistry | None = None,
-    router: RoadRouter | None = None,
+    router: Router | None = None,
 ) -> DispatchService:
-    """A service from settings; ``registry``/``router`` override loading (tests reuse one road graph)."""
+    """A service from settings; ``registry``/``router`` override loading (tests reuse one road graph).
+
+    The router is the embedded OSM one unless ``settings.routing_url`` names an OSRM server (large regions)."""
     if registry is None:
         registry = HospitalRegistry.load(settings.hospital_csvs, settings.capabilities_path)
+    if router is None and settings.routing_url:
+        router = OsrmRouter(settings.routing_url, emergency_factor=settings.emergency_speed_factor)
     if router is None:
         router = RoadRouter.from_pbf(
             settings.road_pbf, emergency_factor=settings.emergency_speed_factor, max_snap_m=settings.max_snap_m
@@ -241,7 +246,7 @@ def create_app(
     service: DispatchService | None = None,
     security: DispatchSecurity | None = None,
     registry: HospitalRegistry | None = None,
-    router: RoadRouter | None = None,
+    router: Router | None = None,
 ) -> FastAPI:
     """The dispatch HTTP app.
 
@@ -298,7 +303,7 @@ def create_app(
             processed=stats.processed,
             rejected=stats.rejected,
             hospitals=len(svc.registry.hospitals()),
-            road_nodes=svc.router.n_nodes if svc.router else None,
+            road_nodes=getattr(svc.router, "n_nodes", None),
         )
 
     @app.get("/api/hospitals", tags=["hospitals"])

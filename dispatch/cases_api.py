@@ -46,6 +46,7 @@ from dispatch.geo import valid_position_deg
 from dispatch.incidents import recommend_units
 from dispatch.repository import IncidentRecord
 from dispatch.roadmap import RoadMap, road_map
+from dispatch.routing import RoadRouter
 from dispatch.schemas import (
     AssignmentPublic,
     AssignRequest,
@@ -482,8 +483,8 @@ def cases_router() -> APIRouter:
     @router.get("/api/map/roads", tags=["map"], responses={503: {"description": "no road graph"}})
     async def roads(svc: ServiceDep, caller: AnyCaller) -> RoadMapPublic:
         """The road network as simplified polylines (degrees), computed once per road graph and cached."""
-        if svc.router is None:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no road graph loaded")
+        if not isinstance(svc.router, RoadRouter):
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no embedded road graph loaded")
         key = id(svc.router)
         async with map_lock:
             cached = map_cache.get(key)

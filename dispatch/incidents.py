@@ -22,9 +22,9 @@ from datetime import datetime
 
 from broker_config import CrewStatus
 from dispatch.errors import OutsideNetworkError
+from dispatch.external_routing import Router
 from dispatch.geo import haversine_m, valid_position_deg
 from dispatch.repository import UnitRecord
-from dispatch.routing import RoadRouter
 from dispatch.timeline import TimePoint
 
 __all__ = [
@@ -141,7 +141,7 @@ def rank_units(
 
 
 def recommend_units(
-    router: RoadRouter | None, incident_deg: tuple[float, float], units: Sequence[UnitRecord], now: datetime
+    router: Router | None, incident_deg: tuple[float, float], units: Sequence[UnitRecord], now: datetime
 ) -> list[UnitRecommendation]:
     """ETAs of every positioned unit to the incident by one reverse Dijkstra search, then :func:`rank_units`.
 

@@ -60,6 +60,7 @@ from dispatch.activation import DEFAULT_ACK_TIMEOUT_S, acknowledge, escalate_due
 from dispatch.cases import CaseDesk
 from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
 from dispatch.errors import DispatchError, OutsideNetworkError, StoreError
+from dispatch.external_routing import Router
 from dispatch.geo import valid_position_deg
 from dispatch.hospitals import HospitalRegistry, HospitalSnapshot, HospitalStatus
 from dispatch.repository import (
@@ -71,7 +72,6 @@ from dispatch.repository import (
     InMemoryRepository,
     Repository,
 )
-from dispatch.routing import RoadRouter
 
 __all__ = ["DispatchService", "Rejected", "ServiceStats", "SUBSCRIBED_STREAMS", "reject_reason"]
 
@@ -146,7 +146,7 @@ class DispatchService:
         broker: BrokerSettings,
         space: TopicSpace,
         registry: HospitalRegistry,
-        router: RoadRouter | None,
+        router: Router | None,
         *,
         client_id: str = "goldenhour-dispatch",
         repository: Repository | None = None,

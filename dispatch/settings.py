@@ -32,6 +32,8 @@ class DispatchSettings(BaseSettings):
     hospital_csvs: tuple[Path, ...] = (DATA_DIR / "monaco_hospitals.csv",)
     capabilities_path: Path = DATA_DIR / "hospital_capabilities.json"
     road_pbf: Path = DATA_DIR / "monaco.osm.pbf"
+    routing_url: str | None = None
+    """An OSRM server (``http://host:5000``) to route with instead of the embedded OSM graph (large regions)."""
     emergency_speed_factor: Annotated[float, Field(ge=1.0, le=2.0)] = 1.2
     max_snap_m: Annotated[float, Field(gt=0, le=10_000)] = 1_000.0
     queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1_000
