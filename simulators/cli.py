@@ -69,6 +69,21 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--hospital", default="MC-CCM", help="the hospital shown by default")
     board.add_argument("--dispatch-url", help="dispatch API for hospital names, e.g. http://127.0.0.1:8081")
 
+    broker = sub.add_parser("broker", help="broker credentials: CA, certificates, passwords, ACL, revocation")
+    broker_sub = broker.add_subparsers(dest="broker_command", required=True)
+    provision = broker_sub.add_parser("provision", help="create a fleet's CA, certificates, password file, ACL, CRL")
+    provision.add_argument("--out", type=Path, required=True, help="folder for the credentials (must be new)")
+    provision.add_argument("--units", required=True, help="unit ids, comma-separated (AMB1,AMB2)")
+    provision.add_argument("--services", default="ingest,dispatch,board", help="service accounts, comma-separated")
+    provision.add_argument("--server-names", default="localhost,127.0.0.1", help="broker DNS names / addresses")
+    provision.add_argument("--broker-group", help="the broker's group (e.g. mosquitto), to read its files")
+    add_unit = broker_sub.add_parser("add-unit", help="add one unit to provisioned credentials")
+    add_unit.add_argument("--out", type=Path, required=True)
+    add_unit.add_argument("unit_id")
+    revoke = broker_sub.add_parser("revoke", help="revoke a unit or service (CRL, password, ACL); then SIGHUP")
+    revoke.add_argument("--out", type=Path, required=True)
+    revoke.add_argument("account")
+
     db = sub.add_parser("db", help="database chores")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     migrate = db_sub.add_parser("migrate", help="apply the numbered SQL migrations")
@@ -136,7 +151,26 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _run_sync(args: argparse.Namespace, extra: Sequence[str]) -> int | None:
-    """Commands that run their own event loop or processes."""
+    """Commands that run their own event loop or processes, or none."""
+    if args.command == "broker":
+        from broker_config import provision as prov
+
+        if args.broker_command == "provision":
+            result = prov.provision(
+                args.out,
+                [u for u in args.units.split(",") if u],
+                [s for s in args.services.split(",") if s],
+                server_names=[n for n in args.server_names.split(",") if n],
+                broker_group=args.broker_group,
+            )
+            sys.stdout.write(f"provisioned {len(result.clients)} accounts in {result.out_dir}\n")
+        elif args.broker_command == "add-unit":
+            prov.add_unit(args.out, args.unit_id)
+            sys.stdout.write(f"added {args.unit_id}; send SIGHUP to the broker to load it\n")
+        else:
+            prov.revoke(args.out, args.account)
+            sys.stdout.write(f"revoked {args.account}; send SIGHUP to the broker to apply it\n")
+        return 0
     if args.command == "db" and args.db_command == "maintain":
         from telemetry import maintenance
 
