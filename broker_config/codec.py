@@ -61,7 +61,7 @@ from broker_config.payloads import (
     StoreReceipt,
     Vitals,
 )
-from broker_config.topics import STREAMS, ParsedTopic, Scope, Stream, TopicError, TopicSpace
+from broker_config.topics import STREAMS, ParsedTopic, Scope, Stream, TopicError, TopicSpace, loggable
 
 __all__ = [
     "ECG_MAGIC",
@@ -97,8 +97,8 @@ class PayloadError(ValueError):
     """A payload that cannot be accepted.  ``topic``, ``kind`` and ``reason`` are safe to log (no health data)."""
 
     def __init__(self, topic: str, reason: str, kind: RejectKind = RejectKind.MALFORMED) -> None:
-        super().__init__(f"{reason} (topic {topic[:160]!r})")
-        self.topic = topic
+        super().__init__(f"{reason} (topic {loggable(topic)})")
+        self.topic = loggable(topic)
         self.reason = reason
         self.kind = kind
 
@@ -119,6 +119,11 @@ MODELS: dict[Stream, type[BaseModel]] = {
 """Payload model of each stream (video frames are opaque JPEG/H.264 bytes with their own header)."""
 
 ECG_MAGIC = b"GHE1"
+MAX_ECG_CHUNK_S = 10.0
+"""Longest ECG chunk accepted, seconds (agents send 1-s chunks)."""
+MAX_ECG_SAMPLES_PER_CHUNK = 16 * 10 * 1_000
+"""Most samples (all leads) in one chunk: 16 leads x 10 s at 1 kHz.  Bounds what a small compressed packet may
+inflate to in memory and on disk (a 2 kB packet of zeros must not become megabytes)."""
 _HEAD = struct.Struct("<4sBBBBQqqddiIH")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -312,8 +317,12 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
     if not 1 <= n_leads <= 16 or not 1 <= unit_len <= 32:
         raise PayloadError(topic, "ECG chunk header out of range (leads or unit id length)")
     total = n_leads * n_samples
-    if n_samples <= 0 or total * 2 > STREAMS[Stream.ECG].max_payload_bytes * 8:
-        raise PayloadError(topic, "ECG chunk declares an impossible sample count")
+    if n_samples <= 0 or total > MAX_ECG_SAMPLES_PER_CHUNK:
+        raise PayloadError(topic, "ECG chunk declares an impossible sample count", RejectKind.OVERSIZED)
+    if not (0 < fs_hz <= 20_000) or n_samples / fs_hz > MAX_ECG_CHUNK_S:
+        raise PayloadError(
+            topic, f"ECG chunk longer than {MAX_ECG_CHUNK_S:.0f} s or with an impossible rate", RejectKind.OVERSIZED
+        )
     pos = _HEAD.size
     try:
         unit_id = payload[pos : pos + unit_len].decode("ascii")

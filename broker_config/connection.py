@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import aiomqtt
 
 from broker_config.settings import BrokerSettings
+from broker_config.topics import loggable
 
 __all__ = ["AuthError", "Backoff", "MqttLink", "NotConnectedError", "Will"]
 
@@ -178,7 +179,7 @@ class MqttLink:
                         except Exception:  # noqa: BLE001 - the per-message error boundary
                             self.rejected += 1
                             size = len(message.payload or b"")
-                            logger.warning("handler failed topic=%s bytes=%d", message.topic, size)
+                            logger.warning("handler failed topic=%s bytes=%d", loggable(str(message.topic)), size)
             except aiomqtt.MqttCodeError as exc:
                 _reraise_if_cancelling()
                 if getattr(exc, "rc", None) in _AUTH_CODES:

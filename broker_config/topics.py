@@ -45,6 +45,7 @@ __all__ = [
     "TopicError",
     "TopicSpace",
     "ParsedTopic",
+    "loggable",
     "valid_id",
 ]
 
@@ -55,12 +56,18 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 """Opaque id of a unit, hospital or service: letters, digits, ``_`` and ``-``; 1-32 characters."""
 
 
+def loggable(topic: str, limit: int = 160) -> str:
+    """A topic made safe to log: control characters escaped (no forged log lines), cut to ``limit`` characters."""
+    text = topic[:limit].encode("unicode_escape").decode("ascii")
+    return text if len(topic) <= limit else text + "..."
+
+
 class TopicError(ValueError):
-    """A topic or id that does not follow the grammar.  ``topic`` holds the offending text."""
+    """A topic or id that does not follow the grammar.  ``topic`` holds the offending text, made safe to log."""
 
     def __init__(self, topic: str, reason: str) -> None:
-        super().__init__(f"{reason}: {topic[:120]!r}")
-        self.topic = topic
+        super().__init__(f"{reason}: {loggable(topic, 120)}")
+        self.topic = loggable(topic)
         self.reason = reason
 
 

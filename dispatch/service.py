@@ -56,6 +56,7 @@ from broker_config import (
     utc_now,
 )
 from broker_config.connection import MqttLink, NotConnectedError
+from broker_config.topics import loggable
 from dispatch.activation import DEFAULT_ACK_TIMEOUT_S, acknowledge, escalate_due, next_deadline, page
 from dispatch.cases import CaseDesk
 from dispatch.destination import Recommendation, departments_for, priority_for, rank_destinations
@@ -249,7 +250,7 @@ class DispatchService:
                 await self._queue.put(item)
         except TimeoutError:
             self.rejected["queue_full"] += 1
-            logger.warning("dispatch queue full, message dropped topic=%s bytes=%d", topic, len(item.payload))
+            logger.warning("dispatch queue full, message dropped topic=%s bytes=%d", loggable(topic), len(item.payload))
 
     async def _worker(self) -> None:
         while True:
@@ -284,14 +285,19 @@ class DispatchService:
             self._reject(exc.reason, topic, payload, unit_id, seq)
         except Exception:
             self._reject("handler_error", topic, payload, unit_id, seq)
-            logger.debug("handler error topic=%s", topic, exc_info=True)
+            logger.debug("handler error topic=%s", loggable(topic), exc_info=True)
         async with self.handled:
             self.handled.notify_all()
 
     def _reject(self, reason: str, topic: str, payload: bytes, unit_id: str | None, seq: int | None) -> None:
         self.rejected[reason] += 1
         logger.warning(
-            "message rejected reason=%s topic=%s unit=%s seq=%s bytes=%d", reason, topic, unit_id, seq, len(payload)
+            "message rejected reason=%s topic=%s unit=%s seq=%s bytes=%d",
+            reason,
+            loggable(topic),
+            unit_id,
+            seq,
+            len(payload),
         )
 
     async def _dispatch(self, stream: Stream, model: BaseModel, received_at: datetime) -> None:

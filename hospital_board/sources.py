@@ -51,6 +51,7 @@ from broker_config import (
     utc_now,
 )
 from broker_config.connection import Backoff, MqttLink, NotConnectedError
+from broker_config.topics import loggable
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, HospitalDirectory
 from hospital_board.feed import FeedHub
 from hospital_board.state import BoardError, BoardEvent, BoardState
@@ -278,7 +279,7 @@ class BoardIngest:
         if n <= _LOG_FIRST_N or n % _LOG_EVERY_N == 0:
             logger.warning(
                 "board dropped message topic=%s owner=%s bytes=%d reason=%s count=%d",
-                topic[:200],
+                loggable(topic),
                 owner_id,
                 size_bytes,
                 key,

@@ -323,3 +323,26 @@ def test_every_reject_names_its_kind_for_counting() -> None:
         kinds.add(info.value.kind)
     assert {RejectKind.MALFORMED, RejectKind.INVALID_FIELDS, RejectKind.SCHEMA_VERSION, RejectKind.NOT_UTF8,
             RejectKind.OVERSIZED, RejectKind.UNIT_MISMATCH} <= kinds  # fmt: skip
+
+
+def test_a_tiny_ecg_packet_cannot_declare_megabytes_of_samples() -> None:
+    """Hostile-tester case: 16 leads x 65,536 zero samples compress to ~2 kB but would store ~2 MB."""
+    chunk = EcgChunk(
+        unit_id="AMB7", seq=0, sent_at=T0, start_at=T0, fs_hz=500, leads=tuple(f"L{i}" for i in range(16)),
+        gain_adc_per_mv=200, baseline_adc=0, samples=np.zeros((16, 65_536), dtype=np.int16),
+    )  # fmt: skip
+    payload = encode_ecg(chunk)
+    assert len(payload) < 5_000
+    with pytest.raises(PayloadError, match="impossible sample count"):
+        decode(SPACE, SPACE.unit("AMB7", Stream.ECG), payload)
+    long_chunk = chunk.model_copy(update={"samples": np.zeros((1, 6_000), dtype=np.int16), "leads": ("I",)})
+    with pytest.raises(PayloadError, match="longer than"):
+        decode(SPACE, SPACE.unit("AMB7", Stream.ECG), encode_ecg(long_chunk))
+
+
+def test_a_topic_cannot_forge_log_lines() -> None:
+    topic = "ems/v1/unit/AMB1\n02:00:00 INFO    FORGED heart_rate=188/vitals"
+    with pytest.raises(PayloadError) as info:
+        decode(SPACE, topic, b"{}")
+    assert "\n" not in info.value.topic
+    assert "\n" not in str(info.value)
