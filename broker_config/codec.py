@@ -91,6 +91,7 @@ class RejectKind(StrEnum):
     INVALID_FIELDS = "invalid_fields"
     UNIT_MISMATCH = "unit_mismatch"
     WRONG_MODEL = "wrong_model"
+    CLOCK = "clock"
 
 
 class PayloadError(ValueError):
@@ -200,8 +201,27 @@ def encode(stream: Stream, message: BaseModel, *, ecg_encoding: int = EcgEncodin
     return data
 
 
-def decode(space: TopicSpace, topic: str, payload: bytes) -> tuple[ParsedTopic, BaseModel]:
+MAX_CLOCK_AHEAD_S = 300.0
+"""A message whose own times are further ahead of its receive time than this is refused (FF-07 kind: a device
+clock in the future would otherwise freeze "latest wins" displays and status for good)."""
+_MESSAGE_TIME_FIELDS = ("sent_at", "measured_at", "at", "start_at", "device_time", "stored_at", "detected_at")
+
+
+def _check_clock(topic: str, model: BaseModel, received_at: datetime) -> None:
+    times = [v for name in _MESSAGE_TIME_FIELDS if isinstance(v := getattr(model, name, None), datetime)]
+    if times and (max(times) - received_at).total_seconds() > MAX_CLOCK_AHEAD_S:
+        raise PayloadError(
+            topic, f"message time more than {MAX_CLOCK_AHEAD_S:.0f} s ahead of receipt", RejectKind.CLOCK
+        )
+
+
+def decode(
+    space: TopicSpace, topic: str, payload: bytes, *, received_at: datetime | None = None
+) -> tuple[ParsedTopic, BaseModel]:
     """Parse ``topic`` and decode ``payload`` into the stream's model.
+
+    With ``received_at`` (the consumer's UTC clock), a message whose own times are more than
+    :data:`MAX_CLOCK_AHEAD_S` ahead of it is refused with kind ``clock``.
 
     Returns:
         ``(parsed_topic, model)``; ``model`` is an instance of ``MODELS[parsed_topic.stream]``.
@@ -223,6 +243,8 @@ def decode(space: TopicSpace, topic: str, payload: bytes) -> tuple[ParsedTopic, 
         raise PayloadError(topic, f"stream {stream.value} has no decodable payload model", RejectKind.TOPIC)
     model = decode_ecg(payload, topic=topic) if stream is Stream.ECG else _decode_json(model_cls, payload, topic)
     _check_owner(topic, parsed, model)
+    if received_at is not None:
+        _check_clock(topic, model, received_at)
     return parsed, model
 
 

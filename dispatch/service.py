@@ -274,7 +274,7 @@ class DispatchService:
         unit_id: str | None = None
         seq: int | None = None
         try:
-            parsed, model = decode(self.space, topic, payload)
+            parsed, model = decode(self.space, topic, payload, received_at=received_at)
             unit_id = getattr(model, "unit_id", None)
             seq = getattr(model, "seq", None)
             await self._dispatch(parsed.stream, model, received_at)

@@ -211,7 +211,7 @@ class BoardIngest:
         """Decode and apply one message inside the error boundary: never raises.  ``owner`` (unit or hospital
         id from the topic) is only for the log line."""
         try:
-            parsed, model = decode(self.space, topic, payload)
+            parsed, model = decode(self.space, topic, payload, received_at=self.clock())
             events = self._apply(model)
         except PayloadError as exc:
             self.reject(topic, owner, len(payload), exc.reason)

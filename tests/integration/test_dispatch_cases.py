@@ -78,6 +78,7 @@ class Field:
         self.space = space
         self.inbox: asyncio.Queue[object] = asyncio.Queue(maxsize=200)
         self.seq = 100
+        self.clock: Clock | None = None
 
     async def reader(self) -> None:
         async for message in self.client.messages:
@@ -85,6 +86,9 @@ class Field:
             await self.inbox.put(decode(self.space, str(message.topic), payload)[1])
 
     async def publish(self, stream: Stream, owner: str, model: BaseModel) -> None:
+        sent_at = getattr(model, "sent_at", None)
+        if self.clock is not None and sent_at is not None and sent_at > self.clock.now:
+            self.clock.now = sent_at  # the service's clock follows the crews' (it refuses messages from the future)
         spec = STREAMS[stream]
         await self.client.publish(
             self.space.topic(stream, owner),
@@ -173,6 +177,7 @@ async def test_stemi_case_from_call_to_handover_over_broker_and_postgresql(
     clock = Clock(t0)
     space = topic_space
     async with field(mqtt_settings, space) as crews:
+        crews.clock = clock
         async with running(mqtt_settings, space, router, pg_url, clock) as (svc, api):
             for unit, pos in (("AMB1", FAR), ("AMB2", NEAR_SCENE)):
                 await crews.publish(

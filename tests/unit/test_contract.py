@@ -346,3 +346,19 @@ def test_a_topic_cannot_forge_log_lines() -> None:
         decode(SPACE, topic, b"{}")
     assert "\n" not in info.value.topic
     assert "\n" not in str(info.value)
+
+
+def test_a_device_clock_far_in_the_future_is_refused_by_consumers() -> None:
+    """Hostile-tester case: one vitals message dated 9999 froze the board's "latest wins" HR for good."""
+    from datetime import datetime as dt
+
+    from broker_config import RejectKind
+
+    received = T0
+    future = _vitals(measured_at=dt(9999, 12, 31, 23, 59, 59, tzinfo=UTC), sent_at=T0)
+    topic = SPACE.unit("AMB1", Stream.VITALS)
+    with pytest.raises(PayloadError) as info:
+        decode(SPACE, topic, encode(Stream.VITALS, future), received_at=received)
+    assert info.value.kind is RejectKind.CLOCK
+    slightly_ahead = _vitals(measured_at=T0 + timedelta(seconds=60), sent_at=T0 + timedelta(seconds=60))
+    decode(SPACE, topic, encode(Stream.VITALS, slightly_ahead), received_at=received)  # replay pace, small skew

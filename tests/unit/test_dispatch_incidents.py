@@ -113,7 +113,9 @@ async def client(service: DispatchService) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def feed(svc: DispatchService, stream: Stream, owner: str, model: object) -> None:
-    await svc.handle(SPACE.topic(stream, owner), encode(stream, model))  # type: ignore[arg-type]
+    """Deliver as the broker would, received when it was sent (the clock check refuses messages from the future)."""
+    received_at = getattr(model, "sent_at", None)
+    await svc.handle(SPACE.topic(stream, owner), encode(stream, model), received_at)  # type: ignore[arg-type]
 
 
 async def unit_at(svc: DispatchService, unit: str, pos: tuple[float, float] | None, seq: int = 0) -> None:
