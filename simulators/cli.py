@@ -15,9 +15,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from broker_config import BrokerSettings, TopicSpace
 
@@ -112,7 +114,7 @@ async def _run(args: argparse.Namespace) -> int:
             duration_s=args.duration_s,
             state_dir=args.state_dir,
         )
-        await run_demo(options, on_ready=banner)
+        await _until_signalled(run_demo(options, on_ready=banner), grace_s=10.0)
     elif args.command == "ingest":
         from telemetry.service import run_ingest
 
@@ -148,6 +150,41 @@ async def _run(args: argparse.Namespace) -> int:
 
         bench_codec(args.seconds)
     return 0
+
+
+async def _until_signalled(main: Coroutine[Any, Any, None], *, grace_s: float) -> None:
+    """Run ``main`` until it ends or SIGINT/SIGTERM arrives; then cancel it and give it ``grace_s`` to finish
+    (agents and the store flush what they hold).  A second signal, or a shutdown that overruns, exits at once:
+    Ctrl-C always stops the demo."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.ensure_future(main)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        task.result()
+        return
+    sys.stdout.write("\nstopping (Ctrl-C again to exit at once)...\n")
+    sys.stdout.flush()
+    for sig in signals:
+        loop.add_signal_handler(sig, _exit_now)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=grace_s)
+    if not done:
+        logging.getLogger(__name__).warning("shutdown took longer than %.0f s; exiting", grace_s)
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """Leave without waiting for stragglers (every store and outbox write is its own committed transaction)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_sync(args: argparse.Namespace, extra: Sequence[str]) -> int | None:
