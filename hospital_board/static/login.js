@@ -5,7 +5,14 @@
   const $ = (id) => document.getElementById(id);
   const params = new URLSearchParams(location.search);
   const next = params.get("next");
-  const target = next && next.startsWith("/") && !next.startsWith("//") ? next : (document.body.dataset.home || "/");
+  // only a page of this very origin (a "/\\evil.example" or "/\t/evil.example" must not leave the site)
+  let target = document.body.dataset.home || "/";
+  if (next && next.startsWith("/")) {
+    try {
+      const url = new URL(next, location.origin);
+      if (url.origin === location.origin) target = url.pathname + url.search + url.hash;
+    } catch (e) { /* keep the home page */ }
+  }
   const say = (text) => { $("message").textContent = text; };
 
   $("login-form").addEventListener("submit", async (ev) => {
