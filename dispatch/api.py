@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 
 from broker_config import Priority, TopicSpace, utc_now
 from broker_config.identity import Role
+from broker_config.web import BodyLimitMiddleware
 from dispatch.audit import AuditAction
 from dispatch.auth_api import auth_router
 from dispatch.cases_api import cases_router
@@ -285,6 +286,7 @@ def create_app(
         summary="Destination choice with reasons, hospital status, units, pre-alerts and their acknowledgements.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimitMiddleware)
     if service is not None:
         app.state.service = service
     app.state.security = SecurityRuntime(security)

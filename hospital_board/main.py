@@ -61,6 +61,7 @@ from broker_config import AlertState, Department, TopicSpace, utc_now
 from broker_config.connection import MqttLink, NotConnectedError
 from broker_config.identity import ACCESS_COOKIE, REFRESH_COOKIE, Claims, Role, TokenError, verify_token
 from broker_config.topics import ID_PATTERN
+from broker_config.web import BodyLimitMiddleware
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, RouteInfo
 from hospital_board.feed import FeedHub, SseResponse, sse_frame
 from hospital_board.maps import RoadMap, RoadsPublic, parse_bbox
@@ -343,6 +344,7 @@ def create_app(
                         task.cancel()
 
     app = FastAPI(title="GoldenHour ED board", lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware)
     app.state.board = runtime
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
 
