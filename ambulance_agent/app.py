@@ -14,8 +14,19 @@ Tasks, all in one ``asyncio.TaskGroup`` (structured concurrency):
 * the notice handler: decodes dispatch's notices through the contract inside a per-message error boundary;
 * a watchdog that warns when the oldest unsent message gets older than ``stale_after_s`` (FF-03).
 
+Uplink order (:mod:`ambulance_agent.outbox`, :mod:`ambulance_agent.uplink`): pre-alerts, then availability and
+status, oldest first; then live telemetry (stored less than ``live_window_s`` ago) by priority - vitals, ECG,
+GPS - newest first; then the backlog by priority, oldest first; video last, only with spare budget.  With a
+bandwidth budget (fixed ``bandwidth_bps`` or measured from PUBACK delays) the sender paces telemetry to the budget so
+the link's buffers stay short and a pre-alert never queues behind seconds of ECG; crew messages never wait for it.
+
 Telemetry (vitals, ECG, GPS) still in the outbox ``live_window_s`` after it was stored is re-flagged
-``historical`` when finally sent, so a replay never fires live alarms (Sparkplug B's store-and-forward rule).
+``historical`` when finally sent, so a replay never fires live alarms (Sparkplug B's store-and-forward rule), and
+is published without the retain flag, so a replayed old position never replaces the unit's retained latest one.
+
+Delivery (:mod:`ambulance_agent.delivery`): the agent subscribes to its own retained
+:class:`broker_config.StoreReceipt`, and tracks for each pre-alert and ECG chunk when it was queued, sent (PUBACK),
+stored (receipt) and, for pre-alerts, shown on the board and acknowledged (dispatch's notices).
 """
 
 from __future__ import annotations
@@ -35,10 +46,22 @@ from pathlib import Path
 import aiomqtt
 from pydantic import BaseModel, ValidationError
 
+from ambulance_agent.delivery import DeliveryTracker
 from ambulance_agent.heart_rate import HeartRateEstimator, HeartRateResult, heart_rate_from_ecg
 from ambulance_agent.outbox import Outbox, OutboxMessage
-from ambulance_agent.sources.base import EcgBlock, EcgSource, GpsReading, GpsSource, VitalsReading, VitalsSource
+from ambulance_agent.sources.base import (
+    EcgBlock,
+    EcgSource,
+    GpsReading,
+    GpsSource,
+    Source,
+    VitalsReading,
+    VitalsSource,
+)
+from ambulance_agent.uplink import BandwidthEstimator, TokenBucket, WireStats, wire_size
+from ambulance_agent.video import CameraFrame, Rendition, choose_rendition, encode_video_frame
 from broker_config import (
+    STREAMS,
     AlertState,
     Availability,
     BrokerSettings,
@@ -52,6 +75,7 @@ from broker_config import (
     PayloadError,
     PreAlert,
     Status,
+    StoreReceipt,
     Stream,
     TopicSpace,
     Vitals,
@@ -67,13 +91,23 @@ __all__ = ["Agent", "LinkHealth"]
 logger = logging.getLogger(__name__)
 
 _TELEMETRY = frozenset({Stream.VITALS, Stream.ECG, Stream.GPS})
+_CREW_PRIORITY = 1
+"""Pre-alerts (0), availability and status (1) never wait for the bandwidth budget."""
 _IDLE_S = 1.0
 """Upper bound of every idle wait of the internal loops (they re-check their state at least this often)."""
+_BURST_S = 0.2
+"""Bucket size of the bandwidth budget in seconds of its rate (a pre-alert waits at most about this long)."""
+_MIN_BURST_BYTES = 1_500
 
 
 @dataclass(frozen=True, slots=True)
 class LinkHealth:
-    """What the crew's screen shows about the uplink."""
+    """What the crew's screen shows about the uplink.
+
+    ``watchdog_stale``: the oldest unsent message is older than ``stale_after_s`` (FF-03).  ``budget_bps``: the
+    current bandwidth budget in bit/s (None = unlimited); ``queue_delay_s``: the latest queueing delay measured in
+    front of the link.  ``stored_through``: the store's latest receipt per stream.
+    """
 
     connected: bool
     backlog_count: int
@@ -83,6 +117,15 @@ class LinkHealth:
     shed: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     publish_failures: int = 0
+    watchdog_stale: bool = False
+    stale_after_s: float = 30.0
+    in_flight: int = 0
+    budget_bps: float | None = None
+    queue_delay_s: float | None = None
+    last_ack_age_s: float | None = None
+    ecg_bytes_per_sample: float | None = None
+    stored_through: dict[str, int] = field(default_factory=dict)
+    receipt_age_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +133,16 @@ class _Pending:
     stream: Stream
     build: Callable[[int, datetime], BaseModel]
     """(seq, sent_at) -> contract model."""
+    start_at: datetime | None = None
+    """ECG: the chunk's first sample time (for delivery tracking)."""
+
+
+def _reraise_if_cancelling() -> None:
+    """A loop that publishes must notice a cancellation swallowed by Python 3.11's ``asyncio.wait_for`` inside aiomqtt
+    (CPython gh-86296, see :meth:`Agent._link_loop`), or it never stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float) -> bool:
@@ -117,8 +170,15 @@ class Agent:
         max_in_flight: publishes awaiting PUBACK at once.
         publish_timeout_s: bound of each publish (FF-03).
         retry_delay_s: pause of the sender after a failed publish.
-        live_window_s: telemetry older than this when sent is flagged ``historical``.
+        live_window_s: telemetry older than this when sent is flagged ``historical`` (and counts as backlog).
         stale_after_s: the watchdog warns when the oldest unsent message is older.
+        bandwidth_bps: a fixed uplink budget in bit/s (None: unlimited unless ``adaptive_bandwidth``).
+        adaptive_bandwidth: measure the budget from PUBACK queueing delays, starting at ``bandwidth_bps`` (or
+            32 kbit/s: a low start only delays the backlog, an overshoot delays pre-alerts) and staying within
+            [16 kbit/s, ``bandwidth_max_bps``].
+        bandwidth_max_bps: upper bound of the measured budget.
+        video: camera frames (:mod:`ambulance_agent.video`): sent last, QoS 0, never stored, at most ``video_fps``
+            per second, sized to the spare budget.
         hr_window_s: heart-rate sliding window, seconds.
         on_notice: optional callback for every accepted Notice (called on the event loop; must be quick).
         clock: UTC clock for ``sent_at`` and crew taps.
@@ -151,12 +211,19 @@ class Agent:
         on_notice: Callable[[Notice], None] | None = None,
         clock: Callable[[], datetime] = utc_now,
         client_id: str | None = None,
+        bandwidth_bps: int | None = None,
+        adaptive_bandwidth: bool = False,
+        bandwidth_max_bps: int = 10_000_000,
+        video: Source[CameraFrame] | None = None,
+        video_fps: float = 2.0,
     ) -> None:
         self.unit_id = valid_id(unit_id)
         self.space = space
         self.ecg = ecg
         self.vitals = vitals
         self.gps = gps
+        self.video = video
+        self.video_fps = video_fps
         self.vitals_interval_s = vitals_interval_s
         self.max_in_flight = max_in_flight
         self.publish_timeout_s = publish_timeout_s
@@ -188,8 +255,47 @@ class Agent:
         self._wakeup = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._notice_cond = asyncio.Condition()
+        self._notify_tasks: set[asyncio.Task[None]] = set()
         self._retry_at = 0.0
         self._stop_requested = asyncio.Event()
+        self._receipt_topic = space.topic(Stream.RECEIPT, unit_id)
+        self.delivery = DeliveryTracker(clock)
+        """Per pre-alert and ECG chunk: queued, sent, stored, on the board, acknowledged."""
+        self.wire = WireStats()
+        """Messages and bytes confirmed on the wire per stream; ECG bytes per sample."""
+        self.crew_status: tuple[CrewStatus, datetime] | None = None
+        """The crew's latest status tap and its time."""
+        self.alert_notices: dict[str, Notice] = {}
+        """The latest alert_state notice per pre-alert id (hospital, activations)."""
+        self.monitor_alarms: object | None = None
+        """The HL7 monitor's alarm book (:class:`ambulance_agent.sources.monitor.MonitorAlarms`), if wired."""
+        self.watchdog_stale = False
+        self._last_ack_at: float | None = None
+        self._in_flight = 0
+        self._inflight_bytes = 0
+        self._limited_at = -1e9
+        self._latest_frame: CameraFrame | None = None
+        self._video_pending: tuple[float, bytes, Rendition] | None = None
+        self._video_seq = 0
+        self._video_next_at = 0.0
+        self.video_frames_sent = 0
+        self.video_frames_skipped = 0
+        self.video_rendition: Rendition | None = None
+        self._other_acked: collections.deque[tuple[float, int]] = collections.deque(maxlen=2048)
+        self._bucket: TokenBucket | None = None
+        self._estimator: BandwidthEstimator | None = None
+        if adaptive_bandwidth:
+            start = bandwidth_bps or min(32_000, bandwidth_max_bps)
+            self._estimator = BandwidthEstimator(
+                start / 8, min_bytes_s=min(2_000.0, start / 8), max_bytes_s=bandwidth_max_bps / 8
+            )
+            self._bucket = TokenBucket(start / 8, self._burst_bytes(start / 8))
+        elif bandwidth_bps is not None:
+            self._bucket = TokenBucket(bandwidth_bps / 8, self._burst_bytes(bandwidth_bps / 8))
+
+    @staticmethod
+    def _burst_bytes(rate_bytes_s: float) -> float:
+        return max(_MIN_BURST_BYTES, rate_bytes_s * _BURST_S)
 
     # --- crew actions ------------------------------------------------------------------------------------------
 
@@ -217,8 +323,10 @@ class Agent:
 
         topic = self.space.topic(Stream.PREALERT, self.unit_id)
         seq = await asyncio.to_thread(self.outbox.put, Stream.PREALERT, topic, build)
+        self.delivery.prealert_queued(alert_id, seq, case_type)
         logger.info("prealert stored unit=%s alert=%s seq=%d", self.unit_id, alert_id, seq)
         self._wakeup.set()
+        self._notify_changed()
         return alert_id
 
     async def set_status(
@@ -244,15 +352,19 @@ class Agent:
 
         topic = self.space.topic(Stream.STATUS, self.unit_id)
         seq = await asyncio.to_thread(self.outbox.put, Stream.STATUS, topic, build)
+        self.crew_status = (status, at)
         logger.info("status stored unit=%s status=%s seq=%d", self.unit_id, status, seq)
         self._wakeup.set()
+        self._notify_changed()
 
     # --- observation -------------------------------------------------------------------------------------------
 
     def link_health(self) -> LinkHealth:
-        """Link up or down, the outbox backlog and the age of its oldest message (no disk access)."""
+        """Link up or down, the outbox backlog and the age of its oldest message, the budget, the watchdog and the
+        store's receipt (no disk access)."""
         stats = self.outbox.stats()
         age = None if stats.oldest_created_at_s is None else max(0.0, time.time() - stats.oldest_created_at_s)
+        receipt_at = self.delivery.receipt_at
         return LinkHealth(
             connected=self._link.connected.is_set(),
             backlog_count=stats.count,
@@ -262,7 +374,26 @@ class Agent:
             shed=stats.shed,
             dropped=dict(self.dropped),
             publish_failures=self.publish_failures,
+            watchdog_stale=age is not None and age > self.stale_after_s,
+            stale_after_s=self.stale_after_s,
+            in_flight=self._in_flight,
+            budget_bps=self._bucket.rate_bytes_s * 8 if self._bucket is not None else None,
+            queue_delay_s=self._estimator.last_delay_s if self._estimator is not None else None,
+            last_ack_age_s=None if self._last_ack_at is None else time.monotonic() - self._last_ack_at,
+            ecg_bytes_per_sample=self.wire.ecg_bytes_per_sample(),
+            stored_through=self.delivery.stored_through,
+            receipt_age_s=None if receipt_at is None else max(0.0, (self._clock() - receipt_at).total_seconds()),
         )
+
+    def _notify_changed(self) -> None:
+        """Wake :meth:`wait_until` waiters (a crew action, a notice, a receipt, a confirmed message)."""
+        task = asyncio.get_running_loop().create_task(self._notify_all())
+        self._notify_tasks.add(task)
+        task.add_done_callback(self._notify_tasks.discard)
+
+    async def _notify_all(self) -> None:
+        async with self._notice_cond:
+            self._notice_cond.notify_all()
 
     @property
     def link(self) -> MqttLink:
@@ -270,7 +401,8 @@ class Agent:
         return self._link
 
     async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> None:
-        """Wait until ``predicate()`` holds, re-checked after every accepted notice.  Raises TimeoutError."""
+        """Wait until ``predicate()`` holds, re-checked after every accepted notice or receipt, crew action and
+        delivery change (a PUBACK of a pre-alert or ECG chunk).  Raises TimeoutError."""
         async with asyncio.timeout(timeout_s), self._notice_cond:
             await self._notice_cond.wait_for(predicate)
 
@@ -282,7 +414,7 @@ class Agent:
 
     def _availability(self, state: str) -> bytes:
         assert self.session is not None
-        model = Availability(unit_id=self.unit_id, seq=self.session, sent_at=self._clock(), state=state)  # type: ignore[arg-type]
+        model = Availability(unit_id=self.unit_id, seq=self.session, sent_at=self._clock(), state=state)  # type: ignore[arg-type,unused-ignore]
         return encode(Stream.AVAILABILITY, model)
 
     def _make_will(self) -> Will:
@@ -293,7 +425,9 @@ class Agent:
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         try:
             async with asyncio.timeout(self.publish_timeout_s * 2):
-                await client.subscribe(self._notice_topic, qos=1, timeout=self.publish_timeout_s)
+                await client.subscribe(
+                    [(self._notice_topic, 1), (self._receipt_topic, 1)], timeout=self.publish_timeout_s
+                )
                 await client.publish(
                     self._availability_topic,
                     self._availability("online"),
@@ -331,11 +465,15 @@ class Agent:
         payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw or "").encode()
         try:
             parsed, model = decode(self.space, topic, payload)
-            if not isinstance(model, Notice) or model.unit_id != self.unit_id:
+            if isinstance(model, StoreReceipt) and model.unit_id == self.unit_id:
+                if self.delivery.receipt(model):
+                    logger.debug("receipt unit=%s seq=%d", self.unit_id, model.seq)
+            elif isinstance(model, Notice) and model.unit_id == self.unit_id:
+                self._apply_notice(model)
+                if self.on_notice is not None:
+                    self.on_notice(model)
+            else:
                 raise PayloadError(topic, f"unexpected {parsed.stream.value} message")
-            self._apply_notice(model)
-            if self.on_notice is not None:
-                self.on_notice(model)
         except PayloadError as exc:
             self.rejected[exc.reason[:80]] += 1
             logger.warning("message rejected topic=%s bytes=%d reason=%s", topic, len(payload), exc.reason)
@@ -353,6 +491,10 @@ class Agent:
             self.destination = notice
         if notice.alert_id is not None and notice.alert_state is not None:
             self.alert_states[notice.alert_id] = notice.alert_state
+            self.alert_notices[notice.alert_id] = notice
+            while len(self.alert_notices) > 64:
+                del self.alert_notices[next(iter(self.alert_notices))]
+            self.delivery.notice(notice)
         logger.info(
             "notice unit=%s seq=%d kind=%s alert=%s state=%s",
             self.unit_id,
@@ -364,9 +506,11 @@ class Agent:
 
     # --- acquisition ---------------------------------------------------------------------------------------------
 
-    def _enqueue(self, stream: Stream, build: Callable[[int, datetime], BaseModel]) -> None:
+    def _enqueue(
+        self, stream: Stream, build: Callable[[int, datetime], BaseModel], start_at: datetime | None = None
+    ) -> None:
         try:
-            self._pending.put_nowait(_Pending(stream, build))
+            self._pending.put_nowait(_Pending(stream, build, start_at))
         except asyncio.QueueFull:
             self.dropped[stream.value] += 1
             logger.warning("acquisition queue full, dropped stream=%s unit=%s", stream, self.unit_id)
@@ -377,7 +521,7 @@ class Agent:
             if self._hr is None or self._hr.fs_hz != block.fs_hz:
                 self._hr = HeartRateEstimator(block.fs_hz, window_s=self.hr_window_s)
             self._hr.push(block.samples, block.gain_adc_per_mv, block.baseline_adc, fs_hz=block.fs_hz)
-            self._enqueue(Stream.ECG, self._ecg_builder(block))
+            self._enqueue(Stream.ECG, self._ecg_builder(block), start_at=block.start_at)
             if self.vitals is None:
                 end_at = block.start_at + timedelta(seconds=block.n_samples / block.fs_hz)
                 if next_vitals_at is None:
@@ -425,16 +569,20 @@ class Agent:
             "dbp_mmhg": reading.dbp_mmhg,
             "map_mmhg": reading.map_mmhg,
             "resp_rate_per_min": reading.resp_rate_per_min,
+            "etco2_mmhg": reading.etco2_mmhg,
+            "temp_c": reading.temp_c,
         }
         if hr is not None and hr.bpm is not None:
             values.update(heart_rate_bpm=hr.bpm, heart_rate_source="ecg")
         elif reading.heart_rate_bpm is not None:
-            values.update(heart_rate_bpm=reading.heart_rate_bpm, heart_rate_source="monitor")
+            values.update(
+                heart_rate_bpm=reading.heart_rate_bpm, heart_rate_source=reading.heart_rate_source or "monitor"
+            )
 
         def build(seq: int, sent_at: datetime) -> BaseModel:
             base = {"unit_id": self.unit_id, "seq": seq, "sent_at": sent_at, "measured_at": reading.measured_at}
             try:
-                return Vitals(**base, **values)  # type: ignore[arg-type]
+                return Vitals(**base, **values)  # type: ignore[arg-type,unused-ignore]
             except ValidationError as exc:
                 # An implausible value (outside the contract's range) is absent, never clamped; the rest is kept.
                 bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
@@ -442,7 +590,7 @@ class Agent:
                 if "heart_rate_bpm" in bad:
                     kept.pop("heart_rate_source", None)
                 logger.warning("vitals fields out of range dropped unit=%s fields=%s", self.unit_id, sorted(bad))
-                return Vitals(**base, **kept)  # type: ignore[arg-type]
+                return Vitals(**base, **kept)  # type: ignore[arg-type,unused-ignore]
 
         return build
 
@@ -484,7 +632,7 @@ class Agent:
                 return encode(item.stream, item.build(seq, self._clock()))
 
             try:
-                await asyncio.to_thread(self.outbox.put, item.stream, topic, encode_payload)
+                seq = await asyncio.to_thread(self.outbox.put, item.stream, topic, encode_payload)
             except (PayloadError, ValidationError) as exc:
                 self.dropped[f"{item.stream.value}: invalid"] += 1
                 logger.warning("outgoing message invalid, dropped stream=%s reason=%s", item.stream, type(exc).__name__)
@@ -493,6 +641,8 @@ class Agent:
                 self.dropped[f"{item.stream.value}: outbox error"] += 1
                 logger.error("outbox write failed stream=%s error=%s", item.stream, type(exc).__name__)
                 continue
+            if item.stream is Stream.ECG and item.start_at is not None:
+                self.delivery.chunk_queued(seq, item.start_at)
             self._wakeup.set()
 
     async def _sender_loop(self) -> None:
@@ -514,37 +664,166 @@ class Agent:
                 self._wakeup.clear()
                 batch = await asyncio.to_thread(self._next_batch, free, tuple(in_flight))
                 if not batch:
-                    await _wait_event(self._wakeup, _IDLE_S)
+                    sent = await self._send_video()
+                    _reraise_if_cancelling()
+                    if not sent:
+                        await _wait_event(self._wakeup, self._video_wait_s())
                     continue
                 for message in batch:
+                    size = wire_size(message.topic, message.payload)
+                    if self._bucket is not None:
+                        paced = STREAMS[message.stream].priority > _CREW_PRIORITY
+                        if paced and self._inflight_bytes and self._inflight_bytes + size > self._window_bytes():
+                            # Enough bytes on their way already: more would only queue in front of the link.
+                            self._limited_at = time.monotonic()
+                            self._slot_free.clear()
+                            await _wait_event(self._slot_free, _IDLE_S)
+                            break
+                        delay_s = self._bucket.delay_s(size)
+                        if delay_s > 0 and paced:
+                            # Out of budget: wait for tokens, or for a new message (a pre-alert) to re-plan.
+                            self._limited_at = time.monotonic()
+                            await _wait_event(self._wakeup, min(delay_s, _IDLE_S))
+                            break
+                        self._bucket.take(size)
                     in_flight.add(message.id)
-                    tg.create_task(self._send_one(message, in_flight))
+                    self._in_flight = len(in_flight)
+                    self._inflight_bytes += size
+                    tg.create_task(self._send_one(message, in_flight, size))
 
-    async def _send_one(self, message: OutboxMessage, in_flight: set[int]) -> None:
+    async def _send_one(self, message: OutboxMessage, in_flight: set[int], size: int) -> None:
+        started = time.monotonic()
         try:
             await self._link.publish(
                 message.topic, message.payload, qos=message.qos, retain=message.retain, timeout_s=self.publish_timeout_s
             )
+            acked = time.monotonic()
+            self._last_ack_at = acked
+            self.wire.add(message.stream, message.topic, message.payload)
+            self._other_acked.append((acked, size))
+            self._on_ack_measure(size, acked - started)
             await asyncio.to_thread(self.outbox.ack, message.id)
+            if message.stream in (Stream.PREALERT, Stream.ECG):
+                self.delivery.sent(message.stream, message.seq)
+                self._notify_changed()
             logger.debug("published stream=%s seq=%d bytes=%d", message.stream, message.seq, len(message.payload))
         except NotConnectedError as exc:
             self.publish_failures += 1
             self._retry_at = time.monotonic() + self.retry_delay_s
+            if self._estimator is not None and self._link.connected.is_set():
+                self._estimator.on_timeout()
+                self._apply_estimate()
             logger.info("publish not confirmed, kept stream=%s seq=%d reason=%s", message.stream, message.seq, exc)
         except sqlite3.Error as exc:
             logger.error("outbox ack failed stream=%s seq=%d error=%s", message.stream, message.seq, type(exc).__name__)
         finally:
             in_flight.discard(message.id)
+            self._in_flight = len(in_flight)
+            self._inflight_bytes -= size
             self._slot_free.set()
 
-    def _next_batch(self, limit: int, in_flight: tuple[int, ...]) -> list[OutboxMessage]:
-        """The next messages to send, in order (runs in a worker thread).
+    # --- video: last, QoS 0, never stored -----------------------------------------------------------------------
 
-        Telemetry stored more than ``live_window_s`` ago is re-encoded with ``historical=True`` (store-and-forward
-        replay must never fire live alarms); the stored bytes stay unchanged.
+    async def _video_loop(self, source: Source[CameraFrame]) -> None:
+        async for frame in source:
+            if self._latest_frame is not None:
+                self.video_frames_skipped += 1  # the link did not take the previous one: only the newest counts
+            self._latest_frame = frame
+            self._wakeup.set()
+
+    def _video_wait_s(self) -> float:
+        if self._video_pending is not None and self._bucket is not None:
+            _, payload, _ = self._video_pending
+            return min(_IDLE_S, max(0.01, self._bucket.delay_s(len(payload))))
+        if self._latest_frame is None:
+            return _IDLE_S
+        return min(_IDLE_S, max(0.01, self._video_next_at - time.monotonic()))
+
+    def _spare_bytes_s(self) -> float:
+        """Budget left by everything else, over the last 2 s (unlimited without a budget)."""
+        if self._bucket is None:
+            return float("inf")
+        now = time.monotonic()
+        used = sum(size for at, size in self._other_acked if now - at <= 2.0) / 2.0
+        return max(0.0, self._bucket.rate_bytes_s - used)
+
+    async def _send_video(self) -> bool:
+        """Send the newest camera frame when its turn has come and the spare budget has room.  True if sent.
+
+        The frame is encoded for the spare budget (:func:`choose_rendition`), then waits for tokens at most one
+        frame interval: video only ever uses what the other streams leave.
         """
-        batch = self.outbox.pending(limit, in_flight)
+        now = time.monotonic()
+        if self._video_pending is not None and now - self._video_pending[0] > 1.0 / self.video_fps:
+            self._video_pending = None  # a newer frame is due: never send a stale picture
+            self.video_frames_skipped += 1
+        if self._video_pending is None:
+            frame = self._latest_frame
+            if frame is None or now < self._video_next_at:
+                return False
+            self._video_next_at = now + 1.0 / self.video_fps
+            self._latest_frame = None
+            rendition = choose_rendition(0.8 * self._spare_bytes_s() / self.video_fps)
+            if rendition is None:
+                self.video_frames_skipped += 1
+                return False
+            payload = await asyncio.to_thread(encode_video_frame, frame, rendition, self._video_seq)
+            self._video_seq += 1
+            self._video_pending = (now, payload, rendition)
+        _, payload, rendition = self._video_pending
+        topic = self.space.topic(Stream.VIDEO, self.unit_id)
+        size = wire_size(topic, payload)
+        if not self._link.connected.is_set():
+            return False
+        if self._bucket is not None:
+            if self._bucket.delay_s(size) > 0 or (
+                self._inflight_bytes and self._inflight_bytes + size > self._window_bytes()
+            ):
+                return False
+            self._bucket.take(size)
+        self._video_pending = None
+        try:
+            await self._link.publish(topic, payload, qos=0, retain=False, timeout_s=self.publish_timeout_s)
+        except NotConnectedError:
+            return False
+        self.video_frames_sent += 1
+        self.video_rendition = rendition
+        self.wire.add(Stream.VIDEO, topic, payload)
+        return True
+
+    def _window_bytes(self) -> float:
+        """Bytes allowed on their way at once (a congestion window): the budget times the base round trip plus the
+        tolerated queueing delay, so at most ~``target_delay_s`` of data ever waits in front of the link."""
+        assert self._bucket is not None
+        if self._estimator is not None:
+            rtt_s = (self._estimator.base_rtt_s or 0.2) + self._estimator.target_delay_s
+        else:
+            rtt_s = 0.5
+        return self._bucket.rate_bytes_s * rtt_s
+
+    def _on_ack_measure(self, size: int, rtt_s: float) -> None:
+        if self._estimator is None or self._bucket is None:
+            return
+        # The message's own transmission time at the budgeted rate is not queueing.
+        queued_rtt_s = max(0.0, rtt_s - size / self._bucket.rate_bytes_s)
+        limited = time.monotonic() - self._limited_at < _IDLE_S
+        self._estimator.on_ack(size, queued_rtt_s, limited)
+        self._apply_estimate()
+
+    def _apply_estimate(self) -> None:
+        if self._estimator is not None and self._bucket is not None:
+            rate = self._estimator.rate_bytes_s
+            self._bucket.set_rate(rate, self._burst_bytes(rate))
+
+    def _next_batch(self, limit: int, in_flight: tuple[int, ...]) -> list[OutboxMessage]:
+        """The next messages to send, in the uplink's order (runs in a worker thread).
+
+        Telemetry stored more than ``live_window_s`` ago is backlog: sent after live telemetry, re-encoded with
+        ``historical=True`` (store-and-forward replay must never fire live alarms) and without the retain flag;
+        the stored bytes stay unchanged.
+        """
         now_s = time.time()
+        batch = self.outbox.pending(limit, in_flight, live_since_s=now_s - self.live_window_s)
         return [
             self._as_historical(m) if m.stream in _TELEMETRY and now_s - m.created_at_s > self.live_window_s else m
             for m in batch
@@ -556,20 +835,21 @@ class Agent:
             payload = encode(message.stream, model.model_copy(update={"historical": True}))
         except PayloadError:
             return message
-        return dataclasses.replace(message, payload=payload)
+        return dataclasses.replace(message, payload=payload, retain=False)
 
     async def _watchdog_loop(self) -> None:
-        warned = False
         while True:
             await asyncio.sleep(_IDLE_S)
-            age = self.link_health().oldest_unsent_age_s
+            stats = self.outbox.stats()
+            oldest = stats.oldest_created_at_s
+            age = None if oldest is None else max(0.0, time.time() - oldest)
             if age is not None and age > self.stale_after_s:
-                if not warned:
+                if not self.watchdog_stale:
                     logger.warning("outbox stale unit=%s oldest_unsent_age_s=%.1f", self.unit_id, age)
-                    warned = True
-            elif warned:
+                    self.watchdog_stale = True
+            elif self.watchdog_stale:
                 logger.info("outbox caught up unit=%s", self.unit_id)
-                warned = False
+                self.watchdog_stale = False
 
     # --- composition -------------------------------------------------------------------------------------------
 
@@ -594,6 +874,8 @@ class Agent:
                 tasks.append(tg.create_task(self._vitals_loop(self.vitals), name="vitals"))
             if self.gps is not None:
                 tasks.append(tg.create_task(self._gps_loop(self.gps), name="gps"))
+            if self.video is not None:
+                tasks.append(tg.create_task(self._video_loop(self.video), name="video"))
             try:
                 while not await _wait_event(self._stop_requested, _IDLE_S * 60):
                     pass

@@ -5,8 +5,14 @@ One SQLite file in WAL mode (``synchronous=NORMAL``: a power cut may lose the la
 file).  It also keeps the unit's counters: one sequence counter per stream, allocated in the same transaction as
 the message it numbers, so a restarted agent never reuses a ``seq``; and the session (birth/death) counter.
 
-Order of sending: stream priority (``broker_config.STREAMS[stream].priority``: pre-alert 0, availability/status 1,
-vitals 2, ECG 3, GPS 4), then insertion order (= ``seq`` within a stream).
+Order of sending (:meth:`Outbox.pending`): stream priority (``broker_config.STREAMS[stream].priority``: pre-alert
+0, availability/status 1, vitals 2, ECG 3, GPS 4), then insertion order (= ``seq`` within a stream).  With a live
+window (``live_since_s``) the order is the uplink's:
+
+1. crew messages (priority <= 1: pre-alerts, status), oldest first - never reordered, a retained status must end
+   with the newest;
+2. live telemetry (stored at or after ``live_since_s``) in priority order, newest first within a stream;
+3. backlog telemetry (older) in priority order, oldest first: it drains when the link has room after live data.
 
 Bound: ``max_bytes`` of payload.  When a new message does not fit, the oldest ECG is shed first, then the oldest
 GPS fixes (the newest position is retained at the broker anyway); pre-alerts, status, availability and vitals are
@@ -38,6 +44,8 @@ SHEDDABLE: tuple[Stream, ...] = (Stream.ECG, Stream.GPS)
 """Streams that may be dropped when the outbox is full, in shedding order."""
 
 _SESSION = "__session__"
+_CREW_PRIORITY = 1
+"""Pre-alerts (0), availability and status (1): always first, never reordered."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -55,6 +63,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_order ON messages (priority, id);
 CREATE INDEX IF NOT EXISTS messages_shed ON messages (stream, id);
+CREATE INDEX IF NOT EXISTS messages_created ON messages (created_at_s);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -222,15 +231,34 @@ class Outbox:
         logger.warning("outbox over budget keeping protected stream=%s bytes=%d", stream, self._bytes + size)
         return True
 
-    def pending(self, limit: int, exclude_ids: Iterable[int] = ()) -> list[OutboxMessage]:
-        """Up to ``limit`` messages in sending order (priority, then insertion), skipping ``exclude_ids``."""
+    def pending(
+        self, limit: int, exclude_ids: Iterable[int] = (), live_since_s: float | None = None
+    ) -> list[OutboxMessage]:
+        """Up to ``limit`` messages in sending order, skipping ``exclude_ids`` (see the module docstring).
+
+        Without ``live_since_s``: priority, then insertion.  With it: crew messages, then live telemetry newest
+        first, then backlog oldest first.
+        """
         excluded = set(exclude_ids)
+        n = limit + len(excluded)
+        columns = "SELECT id, stream, seq, topic, payload, qos, retain, created_at_s FROM messages"
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, stream, seq, topic, payload, qos, retain, created_at_s FROM messages"
-                " ORDER BY priority, id LIMIT ?",
-                (limit + len(excluded),),
-            ).fetchall()
+            if live_since_s is None:
+                rows = self._db.execute(f"{columns} ORDER BY priority, id LIMIT ?", (n,)).fetchall()
+            else:
+                rows = self._db.execute(
+                    f"{columns} WHERE priority <= ? ORDER BY priority, id LIMIT ?", (_CREW_PRIORITY, n)
+                ).fetchall()
+                if len(rows) < n:
+                    rows += self._db.execute(
+                        f"{columns} WHERE created_at_s >= ? AND priority > ? ORDER BY priority, id DESC LIMIT ?",
+                        (live_since_s, _CREW_PRIORITY, n - len(rows)),
+                    ).fetchall()
+                if len(rows) < n:
+                    rows += self._db.execute(
+                        f"{columns} WHERE priority > ? AND created_at_s < ? ORDER BY priority, id LIMIT ?",
+                        (_CREW_PRIORITY, live_since_s, n - len(rows)),
+                    ).fetchall()
         out = [
             OutboxMessage(int(r[0]), Stream(r[1]), int(r[2]), r[3], bytes(r[4]), int(r[5]), bool(r[6]), float(r[7]))
             for r in rows

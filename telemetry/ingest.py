@@ -17,11 +17,20 @@ Shape of the data path (FF-01: the receive loop never waits on the database)::
 * Gap detection on vitals, ECG and GPS (telemetry.gaps): a jump records a GapRecord in the store and publishes it
   on ``space.topic(Stream.GAP, unit_id)``; late arrivals are stored and shrink the gap (Store.gaps reports what is
   still missing).  Availability, status and pre-alert seqs are not gap-checked (seq semantics differ).
+* Delivery receipts: after each committed batch, per unit, the highest seq through which every message of each of
+  the unit's streams (pre-alert, status, vitals, ECG, GPS) is durably dealt with (:class:`StoredWatermarks`) is
+  published as a retained :class:`broker_config.StoreReceipt` on ``space.topic(Stream.RECEIPT, unit_id)``, at most
+  once per ``receipt_interval_s`` per unit; the crew screen shows "stored" from it.  "Dealt with" includes the rare
+  message the store refuses for good (expired, a clock far in the future, rows refused): re-sending would not
+  change that, and counting it keeps the watermark moving.  A seq the vehicle never sent (shed by its full outbox)
+  holds its stream's watermark until the ingest restarts.  Off in shared-subscription mode (each worker sees only
+  part of a unit's sequence).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -41,6 +50,7 @@ from broker_config import (
     ParsedTopic,
     PayloadError,
     Scope,
+    StoreReceipt,
     Stream,
     TopicSpace,
     decode,
@@ -53,7 +63,15 @@ from telemetry.gaps import Arrival, GapTracker
 from telemetry.records import GAP_TRACKED_STREAMS, STORED_STREAMS, WriteResult
 from telemetry.store import Store
 
-__all__ = ["Ingest", "IngestStats", "RejectReason", "classify_rejection", "subscription_filters"]
+__all__ = [
+    "RECEIPT_STREAMS",
+    "Ingest",
+    "IngestStats",
+    "RejectReason",
+    "StoredWatermarks",
+    "classify_rejection",
+    "subscription_filters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +149,64 @@ def subscription_filters(space: TopicSpace, share_group: str | None = None) -> l
     return [space.shared(share_group, f) for f in filters] if share_group else filters
 
 
+RECEIPT_STREAMS: tuple[Stream, ...] = (Stream.PREALERT, Stream.STATUS, Stream.VITALS, Stream.ECG, Stream.GPS)
+"""Streams whose seq counts every message from 0 (the vehicle's outbox counters): the receipt covers these.
+Availability is not among them (its seq is the session number)."""
+
+
+def _reraise_if_cancelling() -> None:
+    """Python 3.11's ``asyncio.wait_for`` (inside aiomqtt's publish) can swallow a cancellation that lands with the
+    PUBACK (CPython gh-86296); a loop that publishes must notice it was cancelled, or it never stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+class StoredWatermarks:
+    """Per (unit, stream): the highest seq through which every seq has been stored (``-1`` = none), plus the seqs
+    stored above a hole, bounded by ``max_pending`` per stream (beyond it the highest are forgotten: the watermark
+    then stops at them until the ingest restarts)."""
+
+    def __init__(self, max_pending: int = 100_000) -> None:
+        self.max_pending = max_pending
+        self._through: dict[str, dict[str, int]] = {}
+        self._above: dict[tuple[str, str], set[int]] = {}
+
+    def seed(self, unit_id: str, stream: Stream, through: int) -> None:
+        """Start from ``through`` (an ingest restart: what the store already holds)."""
+        streams = self._through.setdefault(unit_id, {})
+        streams[stream.value] = max(through, streams.get(stream.value, -1))
+
+    def add(self, unit_id: str, stream: Stream, seq: int) -> bool:
+        """Record a stored seq; True if the unit's watermark moved."""
+        streams = self._through.setdefault(unit_id, {})
+        through = streams.get(stream.value, -1)
+        if seq <= through:
+            return False
+        key = (unit_id, stream.value)
+        if seq != through + 1:
+            new_stream = stream.value not in streams
+            streams[stream.value] = through  # listed (-1 at first) so the receipt shows the stream
+            pending = self._above.setdefault(key, set())
+            if len(pending) < self.max_pending:
+                pending.add(seq)
+            return new_stream
+        through = seq
+        above = self._above.get(key)
+        if above is not None:
+            while through + 1 in above:
+                through += 1
+                above.discard(through)
+            if not above:
+                del self._above[key]
+        streams[stream.value] = through
+        return True
+
+    def through(self, unit_id: str) -> dict[str, int]:
+        """The unit's watermarks by stream value."""
+        return dict(self._through.get(unit_id, {}))
+
+
 @dataclass(slots=True)
 class IngestStats:
     """Counters of one ingest (monotonic since start), safe to read at any time.
@@ -150,6 +226,7 @@ class IngestStats:
     late_fills: int = 0
     gaps_closed: int = 0
     gaps_published: int = 0
+    receipts_published: int = 0
     batches: int = 0
     write_retries: int = 0
     queue_depth: int = 0
@@ -190,6 +267,8 @@ class Ingest:
             publish-to-commit lag.  Must be quick.
         enqueue_timeout_s: how long the receive loop waits for room when the queue is full before it drops the
             message (counted as ``queue_full``; the next message of that stream then shows the gap).
+        publish_receipts: publish each unit's retained StoreReceipt (forced off with ``share_group``).
+        receipt_interval_s: at most one receipt per unit per this many seconds.
     """
 
     def __init__(
@@ -212,6 +291,8 @@ class Ingest:
         gap_settle_s: float = 3.0,
         on_stored: OnStored | None = None,
         max_queued_incoming: int = 10_000,
+        publish_receipts: bool = True,
+        receipt_interval_s: float = 1.0,
     ) -> None:
         if batch_max < 1 or queue_max < 1 or batch_age_s <= 0 or write_timeout_s <= 0:
             raise ValueError("batch_max, queue_max, batch_age_s and write_timeout_s must be positive")
@@ -239,6 +320,14 @@ class Ingest:
         self._unpublished: deque[GapRecord] = deque(maxlen=10_000)
         self._inflight: list[Item] = []
         self._changed = asyncio.Event()
+        self.publish_receipts = publish_receipts and share_group is None
+        self.receipt_interval_s = receipt_interval_s
+        self.watermarks = StoredWatermarks()
+        self._receipt_due: dict[str, float] = {}
+        """Units whose watermark moved since their last receipt -> earliest monotonic time to publish."""
+        self._receipt_last: dict[str, float] = {}
+        self._receipt_seq: dict[str, int] = {}
+        self._receipt_wakeup = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -253,6 +342,8 @@ class Ingest:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(self._on_connect, self._on_message), name="ingest-mqtt")
                 tg.create_task(self._writer(), name="ingest-writer")
+                if self.publish_receipts:
+                    tg.create_task(self._receipt_publisher(), name="ingest-receipts")
                 if not self.detect_gaps and hasattr(self.store, "scan_gaps"):
                     tg.create_task(self._gap_scanner(), name="ingest-gap-scan")
         finally:
@@ -265,7 +356,22 @@ class Ingest:
         self._tracker.seed(state.max_seq)
         for unit_id, top in state.max_gap_seq.items():
             self._gap_seq[unit_id] = max(top, self._gap_seq.get(unit_id, -1))
+        if self.publish_receipts:
+            await self._seed_watermarks(state.max_seq)
         self.ready.set()
+
+    async def _seed_watermarks(self, max_seq: dict[tuple[str, Stream], int]) -> None:
+        """Watermarks after a restart: the highest stored seq, lowered below any gap the store still misses."""
+        through = {key: top for key, top in max_seq.items() if key[1] in RECEIPT_STREAMS}
+        if not through:
+            return
+        gaps = await self._with_retry("load open gaps", self.store.gaps)
+        for gap in gaps:
+            key = (gap.unit_id, gap.stream)
+            if gap.missing > 0 and key in through:
+                through[key] = min(through[key], gap.from_seq - 1)
+        for (unit_id, stream), top in through.items():
+            self.watermarks.seed(unit_id, stream, top)
 
     async def wait_until(self, predicate: Callable[[IngestStats], bool], timeout_s: float) -> None:
         """Wait until ``predicate(self.stats)`` holds (checked after every change).  Raises TimeoutError."""
@@ -436,6 +542,8 @@ class Ingest:
                     ",".join(f"{s.value}:{n}" for s, n in sorted(counts.items())),
                 )
         self.stats.batches += 1
+        if self.publish_receipts:
+            self._advance_watermarks(batch)
         if self.on_stored is not None:
             self.on_stored(batch, utc_now())
         self._unpublished.extend(i[1] for i in batch if i[0].stream is Stream.GAP and isinstance(i[1], GapRecord))
@@ -463,6 +571,73 @@ class Ingest:
                 continue
             self.stats.last_write_s = time.monotonic() - started
             return result
+
+    # --- delivery receipts ----------------------------------------------------------------------------------------
+
+    def _advance_watermarks(self, batch: Sequence[Item]) -> None:
+        """After a committed batch: move the watermarks and schedule a receipt for every unit that moved."""
+        now = time.monotonic()
+        moved = False
+        for item in batch:
+            parsed, model = item[0], item[1]
+            if parsed.scope is not Scope.UNIT or parsed.stream not in RECEIPT_STREAMS:
+                continue
+            seq = getattr(model, "seq", None)
+            if isinstance(seq, int) and self.watermarks.add(parsed.owner_id, parsed.stream, seq):
+                unit_id = parsed.owner_id
+                if unit_id not in self._receipt_due:
+                    last = self._receipt_last.get(unit_id, -1e9)
+                    self._receipt_due[unit_id] = max(now, last + self.receipt_interval_s)
+                    moved = True
+        if moved:
+            self._receipt_wakeup.set()
+
+    async def _receipt_publisher(self) -> None:
+        """Publish due receipts (retained, QoS 1); a unit's receipt at most once per ``receipt_interval_s``."""
+        while True:
+            now = time.monotonic()
+            due = [unit_id for unit_id, at in self._receipt_due.items() if at <= now]
+            if due and self.link.connected.is_set():
+                for unit_id in due:
+                    published = await self._publish_receipt(unit_id)
+                    _reraise_if_cancelling()
+                    if not published:
+                        break
+                continue
+            wait_s = min((at - now for at in self._receipt_due.values()), default=1.0)
+            self._receipt_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(max(wait_s, 0.01), 1.0)):
+                    await self._receipt_wakeup.wait()
+
+    async def _publish_receipt(self, unit_id: str) -> bool:
+        self._receipt_due.pop(unit_id, None)
+        self._receipt_last[unit_id] = time.monotonic()
+        now_utc = utc_now()
+        seq = max(self._receipt_seq.get(unit_id, -1) + 1, int(now_utc.timestamp() * 1000))
+        receipt = StoreReceipt(
+            unit_id=unit_id,
+            seq=seq,
+            sent_at=now_utc,
+            stored_through_seq=self.watermarks.through(unit_id),
+            stored_at=now_utc,
+        )
+        try:
+            await self.link.publish(
+                self.space.topic(Stream.RECEIPT, unit_id),
+                encode(Stream.RECEIPT, receipt),
+                qos=STREAMS[Stream.RECEIPT].qos,
+                retain=STREAMS[Stream.RECEIPT].retain,
+                timeout_s=5,
+            )
+        except NotConnectedError:
+            logger.info("receipt not confirmed unit=%s; retried", unit_id)
+            self._receipt_due.setdefault(unit_id, time.monotonic() + self.receipt_interval_s)
+            return False
+        self._receipt_seq[unit_id] = seq
+        self.stats.receipts_published += 1
+        self._notify()
+        return True
 
     async def _publish_gaps(self) -> None:
         while self._unpublished and self.link.connected.is_set():

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -81,6 +81,10 @@ class VitalsReading:
     dbp_mmhg: float | None = None
     map_mmhg: float | None = None
     resp_rate_per_min: float | None = None
+    etco2_mmhg: float | None = None
+    temp_c: float | None = None
+    heart_rate_source: Literal["ecg", "monitor", "oximeter"] | None = None
+    """Where ``heart_rate_bpm`` came from when the device says (HL7: the MDC/LOINC code); None = ``monitor``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ class WfdbEcgReplay:
         stop_s: stop after this many seconds of data (None: the end of the record, or never when looping).
         clock: UTC clock for the data's time stamps.
         monotonic, sleep: injectable pacing primitives (tests).
+        channels: lead names to keep (default every signal of the record), e.g. the 12 standard leads of a PTB
+            record without its Frank leads.
+        resample_hz: resample the whole record once to this rate (polyphase FIR with anti-aliasing,
+            ``scipy.signal.resample_poly``; ADC units rounded back to integers), e.g. PTB's 1000 Hz to a monitor's
+            500 Hz.
 
     Raises:
         ValueError: bad arguments, a record whose leads disagree on gain or baseline (the contract's
@@ -54,10 +60,15 @@ class WfdbEcgReplay:
         clock: Clock = default_clock,
         monotonic: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        channels: Sequence[str] = (),
+        resample_hz: float | None = None,
     ) -> None:
-        record = wfdb.rdrecord(str(record_path), physical=False, return_res=16)
+        kwargs: dict[str, object] = {"channel_names": list(channels)} if channels else {}
+        record = wfdb.rdrecord(str(record_path), physical=False, return_res=16, **kwargs)
         if record.d_signal is None or record.fs is None:
             raise ValueError("record has no digital signal or no sampling frequency")
+        if channels and len(record.sig_name) != len(channels):
+            raise ValueError("some ECG channels are not in the record")
         self.fs_hz = float(record.fs)
         self.leads: tuple[str, ...] = tuple(str(n) for n in record.sig_name)
         gains = {float(g) for g in record.adc_gain}
@@ -67,6 +78,9 @@ class WfdbEcgReplay:
         self.gain_adc_per_mv = gains.pop()
         self.baseline_adc = baselines.pop()
         samples = np.asarray(record.d_signal)
+        if resample_hz is not None and resample_hz != self.fs_hz:
+            samples = _resample(samples, self.fs_hz, resample_hz)
+            self.fs_hz = float(resample_hz)
         if samples.dtype != np.int16:
             if samples.min() < -32768 or samples.max() > 32767:
                 raise ValueError("record samples do not fit int16")
@@ -132,3 +146,12 @@ class WfdbEcgReplay:
             if not self.loop and pos + n >= total:
                 return
             pos = (pos + n) % total
+
+
+def _resample(samples: np.ndarray, fs_hz: float, target_hz: float) -> np.ndarray:
+    """Polyphase resampling of (n, n_leads) ADC samples, rounded back to integer ADC units (int16 range)."""
+    from scipy.signal import resample_poly  # lazy: scipy.signal costs ~70 MB of memory, only replays resample
+
+    ratio = Fraction(target_hz / fs_hz).limit_denominator(1000)
+    out = resample_poly(samples.astype(np.float64), ratio.numerator, ratio.denominator, axis=0)
+    return np.clip(np.rint(out), -32768, 32767).astype(np.int16)

@@ -36,13 +36,14 @@ class RouteGpsReplay:
 
     Within a segment the position is interpolated linearly in latitude/longitude (segments of a road route are
     short, so the error against the great circle is negligible); distances use the haversine formula.  After the
-    last point the unit stays there with speed 0 and keeps reporting (the iteration never ends).
+    last point the unit stays there with speed 0 and keeps reporting (until ``stop_s``, if given).
 
     Args:
         points_deg: at least one (lat_deg, lon_deg) point, each within [-90, 90] x [-180, 180].
         speed_mps: constant speed along the route (>= 0).
         interval_s: report interval in seconds of data time (> 0).
         pace: 1.0 real time, 20.0 twenty times faster, 0 as fast as possible.
+        stop_s: end after this many seconds of data (None: never).
         clock, monotonic, sleep: injectable time (tests).
 
     Raises:
@@ -56,6 +57,7 @@ class RouteGpsReplay:
         speed_mps: float,
         interval_s: float = 1.0,
         pace: float = 1.0,
+        stop_s: float | None = None,
         clock: Clock = default_clock,
         monotonic: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
@@ -71,6 +73,7 @@ class RouteGpsReplay:
         Pacer(pace)
         self.speed_mps = speed_mps
         self.interval_s = interval_s
+        self.stop_s = stop_s
         self._pace = pace
         self._clock = clock
         self._pacer_kwargs = {k: v for k, v in (("monotonic", monotonic), ("sleep", sleep)) if v is not None}
@@ -102,6 +105,8 @@ class RouteGpsReplay:
         k = 0
         while True:
             offset_s = k * self.interval_s
+            if self.stop_s is not None and offset_s >= self.stop_s:
+                return
             lat, lon, heading, arrived = self.position_at(self.speed_mps * offset_s)
             await pacer.until(offset_s)
             at = anchor + timedelta(seconds=offset_s)

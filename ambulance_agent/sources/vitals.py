@@ -40,6 +40,7 @@ class NumericsVitalsReplay:
         pace: 1.0 real time, 20.0 twenty times faster, 0 as fast as possible.
         interval_s: emission interval in seconds of data time (> 0).
         loop: after the last row, continue from ``start_min``; otherwise the iteration ends.
+        stop_s: end after this many seconds of data (None: never when looping).
         clock, monotonic, sleep: injectable time (tests).
 
     Raises:
@@ -54,6 +55,7 @@ class NumericsVitalsReplay:
         pace: float = 1.0,
         interval_s: float = 2.0,
         loop: bool = True,
+        stop_s: float | None = None,
         clock: Clock = default_clock,
         monotonic: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
@@ -79,6 +81,7 @@ class NumericsVitalsReplay:
         self.start_min = start_min
         self.interval_s = interval_s
         self.loop = loop
+        self.stop_s = stop_s
         self._pace = pace
         self._clock = clock
         self._pacer_kwargs = {k: v for k, v in (("monotonic", monotonic), ("sleep", sleep)) if v is not None}
@@ -103,7 +106,7 @@ class NumericsVitalsReplay:
         while True:
             offset_s = k * self.interval_s
             step = int(offset_s // self.period_s)
-            if step >= span and not self.loop:
+            if (step >= span and not self.loop) or (self.stop_s is not None and offset_s >= self.stop_s):
                 return
             index = self.start_min + step % span
             await pacer.until(offset_s)
