@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--out", type=Path, required=True)
     revoke.add_argument("account")
 
+    sub.add_parser("agent", help="run the in-vehicle agent (EMS_AGENT_* settings; crew screen on 127.0.0.1:8080)")
+
     db = sub.add_parser("db", help="database chores")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     migrate = db_sub.add_parser("migrate", help="apply the numbered SQL migrations")
@@ -189,6 +191,10 @@ def _exit_now() -> None:
 
 def _run_sync(args: argparse.Namespace, extra: Sequence[str]) -> int | None:
     """Commands that run their own event loop or processes, or none."""
+    if args.command == "agent":
+        from ambulance_agent.__main__ import main as agent_main
+
+        return int(agent_main())
     if args.command == "broker":
         from broker_config import provision as prov
 
