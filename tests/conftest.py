@@ -53,6 +53,16 @@ def service_missing(what: str) -> None:
     pytest.skip(message)
 
 
+def chromium_binary() -> str:
+    """Debian's headless Chromium for the browser tests; skip (developer machine) or fail (CI) without it."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    service_missing("headless Chromium (apt-get install -y chromium)")
+    raise AssertionError("unreachable")
+
+
 def shared_data(relative: str) -> Path:
     """A path in the shared real-data set, or skip with the reason when a fresh clone does not have it."""
     path = SHARED_DATA / relative

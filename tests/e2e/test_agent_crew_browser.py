@@ -29,6 +29,7 @@ import aiomqtt
 import pytest
 import uvicorn
 import websockets
+from conftest import chromium_binary
 
 from ambulance_agent.app import Agent
 from ambulance_agent.crew_screen import CrewScreen
@@ -63,13 +64,6 @@ RECORD_100 = ROOT / "simulators" / "data" / "mitdb" / "100"
 SCENE_DEG = [(43.7396, 7.4275), (43.7384, 7.4246)]  # Monaco, near the Centre Cardio-Thoracique
 HOSPITAL = "MC-CCM"
 NOTE = 'Chest pain 40 min <img src=x onerror="window.__pwned=1"> & `x`'
-
-
-def chromium_binary() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("headless Chromium is not installed (apt-get install -y chromium)")
 
 
 class Cdp:

@@ -29,6 +29,7 @@ import pytest
 import uvicorn
 import websockets
 import wfdb
+from conftest import chromium_binary
 
 from broker_config import (
     STREAMS,
@@ -61,14 +62,6 @@ MITDB = ROOT / "simulators" / "data" / "mitdb"
 BOARD_SESSIONS: dict[str, str] = {}
 """Board base URL -> the access token the browser carries there (an ED staff member of hospital HA)."""
 NOTE = 'Name <unknown>, SpO2 88% & St Mary\'s "ward" `x` <img src=x onerror="window.__pwned=1">'
-
-
-def chromium_binary() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("headless Chromium is not installed (apt-get install -y chromium)")
 
 
 class Cdp:

@@ -27,6 +27,7 @@ import aiomqtt
 import pytest
 import uvicorn
 import websockets
+from conftest import chromium_binary
 
 from broker_config import (
     STREAMS,
@@ -56,14 +57,6 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 SCENE = (43.7304054, 7.4114082)
 UNITS = {"AMB1": (43.7440, 7.4300), "AMB2": (43.7369, 7.4210), "AMB9": None}
 NOTE = 'Name <unknown> <img src=x onerror="window.__pwned=1">'
-
-
-def chromium_binary() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("headless Chromium is not installed (apt-get install -y chromium)")
 
 
 class Cdp:
