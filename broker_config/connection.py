@@ -210,7 +210,9 @@ class MqttLink:
             async with asyncio.timeout(timeout_s):
                 await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
         except (aiomqtt.MqttError, TimeoutError) as exc:
+            _reraise_if_cancelling()
             raise NotConnectedError(f"publish not confirmed: {type(exc).__name__}") from None
+        _reraise_if_cancelling()  # a cancel that landed with the PUBACK must still cancel the caller
 
     async def wait_connected(self, timeout_s: float) -> None:
         """Wait until a session is up.  Raises TimeoutError."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 
 import pytest
 
 from broker_config import BrokerSettings
-from broker_config.connection import Backoff
+from broker_config.connection import Backoff, MqttLink
 
 
 def test_backoff_ceiling_doubles_up_to_the_cap_and_jitters_below_it() -> None:
@@ -49,3 +51,27 @@ def test_broker_url_parsing_keeps_secrets_out_of_the_loggable_url() -> None:
     assert BrokerSettings.from_url("mqtt://127.0.0.1").port == 1883
     with pytest.raises(ValueError):
         BrokerSettings.from_url("http://x")
+
+
+class _SwallowingClient:
+    """Stands in for aiomqtt on Python 3.11, whose ``wait_for`` can swallow a cancellation that lands together
+    with the PUBACK: ``publish`` then returns as if confirmed."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def publish(self, *args: object, **kwargs: object) -> None:
+        self.entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+
+
+async def test_a_cancel_swallowed_inside_publish_still_cancels_the_caller() -> None:
+    link = MqttLink(BrokerSettings(), client_id="unit-test")
+    client = _SwallowingClient()
+    link._client = client  # type: ignore[assignment]
+    task = asyncio.create_task(link.publish("t", b"x", qos=1, timeout_s=5))
+    await client.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
