@@ -176,6 +176,7 @@ def _alert_fields(a: AlertRecord) -> dict[str, object]:
         "created_at": a.created_at,
         "historical": a.historical,
         "reasons": list(a.reasons),
+        "activations": list(a.activations),
     }
 
 

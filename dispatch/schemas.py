@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from broker_config import AlertState, CaseType, CrewStatus, Department, Findings, Priority
+from broker_config import Activation, AlertState, CaseType, CrewStatus, Department, Findings, Priority
 from broker_config.identity import SUBJECT_PATTERN, Role
 from broker_config.topics import ID_PATTERN
 
@@ -194,6 +194,9 @@ class AlertPublic(_Out):
     created_at: datetime
     historical: bool
     reasons: list[str]
+    activations: list[Activation] = []
+    """Each receiving department's page: paged / acknowledged (when, by which role) / escalated (to whom), and when
+    it escalates next if nobody acknowledges."""
 
 
 class AlertDetailPublic(AlertPublic):

@@ -7,7 +7,7 @@
 (() => {
   const POLL_MS = 2000;
   const state = {
-    roads: null, hospitals: [], units: [], incidents: [], selected: null, recommendation: null,
+    roads: null, hospitals: [], units: [], incidents: [], alerts: [], selected: null, recommendation: null,
     timeline: null, draft: null, view: null, roadLayer: null, polls: 0, lastOk: null,
   };
   const $ = (id) => document.getElementById(id);
@@ -191,6 +191,52 @@
     }
   }
 
+  const ALERTS_SHOWN = 12;
+  const ACTIVE_ALERT = new Set(["sent", "delivered", "acknowledged", "escalated"]);
+
+  function clockOf(iso) { return iso ? iso.replace("T", " ").slice(11, 19) : ""; }
+
+  function countdown(iso) {
+    const s = Math.round((Date.parse(iso) - Date.now()) / 1000);
+    if (s <= 0) return "now";
+    return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+  }
+
+  // One line per receiving department: a page nobody has acknowledged is the dispatcher's problem, so it says
+  // who is being paged and when it escalates next; an acknowledgement says when and by which role.
+  function activationLine(a) {
+    const dept = a.department.replace(/_/g, " ");
+    if (a.state === "acknowledged") {
+      return el("li", `✓ ${dept}: acknowledged ${clockOf(a.acknowledged_at)}${a.acknowledged_by_role ? " by " + a.acknowledged_by_role : ""}`, "ack ok");
+    }
+    if (a.state === "cancelled") return el("li", `– ${dept}: stood down`, "ack reasons");
+    const escalated = a.state === "escalated";
+    const next = a.escalate_at ? ` · escalates in ${countdown(a.escalate_at)}` : "";
+    return el("li", `${escalated ? "⚠" : "…"} ${dept}: ${escalated ? "ESCALATED, paging " : "paged, "}${a.level}${next}`,
+      escalated ? "ack miss" : "ack");
+  }
+
+  function renderAlerts() {
+    const list = $("alerts");
+    list.replaceChildren();
+    const shown = state.alerts.filter((a) => ACTIVE_ALERT.has(a.state)).slice(0, ALERTS_SHOWN);
+    if (shown.length === 0) list.append(el("li", "no open pre-alert", "reasons"));
+    for (const a of shown) {
+      const li = el("li");
+      li.dataset.alert = a.alert_id;
+      li.dataset.state = a.state;
+      const eta = a.eta_at ? ` · ETA ${clockOf(a.eta_at)}` : "";
+      li.append(el("strong", `${a.unit_id} → ${a.hospital_name || a.hospital_id}`),
+        el("span", ` ${a.case_type} · ${a.priority} · ${a.state}${a.historical ? " (delayed)" : ""}`, "badge"),
+        el("span", eta, "reasons"));
+      const acts = el("ul", null, "acts");
+      for (const act of a.activations || []) acts.append(activationLine(act));
+      if ((a.activations || []).length === 0) acts.append(el("li", `no department paged · sent ${clockOf(a.created_at)}`, "ack reasons"));
+      li.append(acts);
+      list.append(li);
+    }
+  }
+
   function renderIncidents() {
     const list = $("incidents");
     list.replaceChildren();
@@ -270,6 +316,7 @@
 
   function render() {
     renderUnits();
+    renderAlerts();
     renderIncidents();
     renderDetail();
     draw();
@@ -290,9 +337,11 @@
 
   async function poll() {
     try {
-      const [units, incidents] = await Promise.all([api("GET", "/api/units"), api("GET", "/api/incidents")]);
+      const [units, incidents, alerts] = await Promise.all(
+        [api("GET", "/api/units"), api("GET", "/api/incidents"), api("GET", "/api/alerts")]);
       state.units = units;
       state.incidents = incidents;
+      state.alerts = alerts;
       await refreshSelected();
       state.polls += 1;
       state.lastOk = new Date();
@@ -372,7 +421,10 @@
     }
   });
 
-  function tick() { $("clock").textContent = new Date().toISOString().slice(11, 19) + " UTC"; }
+  function tick() {
+    $("clock").textContent = new Date().toISOString().slice(11, 19) + " UTC";
+    renderAlerts(); // the escalation count-downs
+  }
 
   async function start() {
     tick();

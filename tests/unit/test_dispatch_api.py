@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from broker_config import BrokerSettings, TopicSpace
+from broker_config import BrokerSettings, CaseType, Findings, PreAlert, Stream, TopicSpace, encode, utc_now
 from broker_config.connection import NotConnectedError
 from broker_config.identity import Role
 from dispatch.api import create_app
@@ -145,3 +145,26 @@ async def test_openapi_documents_every_endpoint(client: httpx.AsyncClient) -> No
 def test_create_app_needs_exactly_one_of_settings_or_service() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         create_app()
+
+
+async def test_alert_list_carries_each_departments_page_for_the_console(client: httpx.AsyncClient) -> None:
+    """The console shows, per pre-alert, who is paged, who acknowledged and when a page escalates."""
+    service: DispatchService = client._transport.app.state.service  # type: ignore[attr-defined]
+    now = utc_now()
+    alert = PreAlert(
+        unit_id="AMB7",
+        seq=0,
+        sent_at=now,
+        alert_id="A-CONSOLE",
+        case_type=CaseType.STEMI,
+        findings=Findings(note="x"),
+        requested_hospital_id="MC-CCM",
+    )
+    await service.handle(TopicSpace("api-test/").topic(Stream.PREALERT, "AMB7"), encode(Stream.PREALERT, alert))
+    listed = {a["alert_id"]: a for a in (await client.get("/api/alerts")).json()}
+    acts = {a["department"]: a for a in listed["A-CONSOLE"]["activations"]}
+    assert set(acts) == {"cath_lab", "ed"}
+    for act in acts.values():
+        assert act["state"] == "paged"
+        assert act["level"] == "primary"
+        assert datetime.fromisoformat(act["escalate_at"]) > now
