@@ -15,6 +15,8 @@ Token format: a JSON Web Token (RFC 7519) in JWS compact serialisation (RFC 7515
 * claims: :class:`Claims`; times are integer seconds since the epoch (UTC).  Claims carry opaque ids only
   (username, role, hospital id, unit id): never a patient's data.
 * A token is at most :data:`MAX_TOKEN_BYTES` long; anything longer is refused unparsed.
+* ``sid`` (a person's sign-in session, the refresh-token family) lets a verifier refuse a token before it expires:
+  sign-out and refresh-token reuse put the session in a :class:`RevokedSessions` store that every request checks.
 
 Scoping rules (DOMAIN.md section 11: a hospital sees only the patients coming to it): ED staff and department
 on-call are bound to one ``hospital_id``; crew to one ``unit_id``; a service principal (the board) may be bound to
@@ -30,6 +32,7 @@ import hashlib
 import json
 import re
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -38,6 +41,7 @@ from typing import Annotated, Self
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from limits import RateLimitItemPerSecond, storage, strategies
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker_config.topics import ID_PATTERN
@@ -50,6 +54,8 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "PERSON_ROLES",
     "REFRESH_COOKIE",
+    "RevokedSessions",
+    "SignInThrottle",
     "SUBJECT_PATTERN",
     "Claims",
     "Role",
@@ -140,6 +146,8 @@ class Claims(BaseModel):
     exp: int
     jti: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
     typ: TokenType = TokenType.ACCESS
+    sid: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")] | None = None
+    """The sign-in session (refresh-token family) of a person's token; services have none."""
 
     @model_validator(mode="after")
     def _bindings(self) -> Self:
@@ -292,8 +300,11 @@ def issue_token(
     unit_id: str | None = None,
     issuer: str = ISSUER,
     audience: str = AUDIENCE,
+    session_id: str | None = None,
 ) -> tuple[str, Claims]:
     """Sign an access token valid for ``ttl_s`` seconds from ``now``.  Returns the token and its claims.
+
+    ``session_id`` (claim ``sid``): the sign-in session, so that signing out revokes the token at once.
 
     Raises:
         ValueError: claims that break the binding rules (e.g. ED staff without a hospital) or ``ttl_s`` <= 0.
@@ -313,6 +324,7 @@ def issue_token(
             nbf=issued,
             exp=issued + max(1, round(ttl_s)),
             jti=secrets.token_urlsafe(12),
+            sid=session_id,
         )
     except ValidationError as exc:
         raise ValueError(f"invalid claims: {exc.errors()[0]['msg']}") from None
@@ -385,3 +397,88 @@ def verify_token(
 def expires_in_s(claims: Claims, now: datetime) -> float:
     """Seconds until ``claims`` expire, from ``now`` (negative once expired)."""
     return (claims.expires_at - now) / timedelta(seconds=1)
+
+
+# --- revocation and sign-in throttling (framework-free; both services use them) --------------------------------------
+
+
+class RevokedSessions:
+    """Sign-in sessions ended before their access tokens expire (sign-out, refresh-token reuse), in memory.
+
+    Each entry lives until the last access token of that session has expired (``until``), so the store stays small
+    (bounded by ``max_entries``: beyond it the entries closest to expiry go first, logged).  It is per process: a
+    restarted service forgets, and tokens revoked before the restart stay usable until they expire (15 min at most
+    with the default lifetime).
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._until: dict[str, datetime] = {}
+
+    def revoke(self, session_id: str, until: datetime) -> None:
+        """Refuse tokens of ``session_id`` until ``until`` (UTC; the latest expiry of its access tokens)."""
+        self._until[session_id] = max(until, self._until.get(session_id, until))
+        if len(self._until) > self.max_entries:
+            self.prune(min(self._until.values()) + timedelta(microseconds=1))
+
+    def prune(self, now: datetime) -> None:
+        """Forget entries whose tokens have all expired by ``now``."""
+        for sid in [s for s, until in self._until.items() if until < now]:
+            del self._until[sid]
+
+    def is_revoked(self, claims: Claims, now: datetime) -> bool:
+        """Whether ``claims`` belong to a revoked session (tokens without ``sid`` never are)."""
+        if claims.sid is None:
+            return False
+        until = self._until.get(claims.sid)
+        return until is not None and until >= now
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+class SignInThrottle:
+    """Sign-in attempts allowed per client address, with the ``limits`` library (moving windows, in memory):
+
+    * at most ``attempts`` per ``window_s`` seconds from one address, whatever the account (a flood is bounded, and
+      so is the argon2id work it causes: ~50 ms a check);
+    * at most ``failures_per_account`` failed sign-ins into one account from one address per ``failure_window_s``
+      seconds (default 4 per 15 min: one less than the account lockout, 5 in a row).  So one address cannot lock an
+      ED nurse out at full speed: its fifth guess is refused (429) before the password is checked, and the nurse,
+      from her own workstation, is not affected.  Many addresses still can (the lockout remains the last line).
+
+    OWASP Authentication Cheat Sheet ("Protect against automated attacks": throttling and lockout); the answer is
+    HTTP 429 with ``Retry-After`` (RFC 6585 section 4).  Per process: instances behind a load balancer each count.
+
+    Args:
+        attempts, window_s: the per-address bound (> 0).
+        failures_per_account, failure_window_s: the per-(address, account) failure bound (> 0).
+    """
+
+    def __init__(
+        self, attempts: int = 10, window_s: int = 60, failures_per_account: int = 4, failure_window_s: int = 900
+    ) -> None:
+        if min(attempts, window_s, failures_per_account, failure_window_s) <= 0:
+            raise ValueError("throttle limits must be positive")
+        self._item = RateLimitItemPerSecond(attempts, window_s)
+        self._fail_item = RateLimitItemPerSecond(failures_per_account, failure_window_s)
+        self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        self.refused = 0
+
+    def _wait(self, item: RateLimitItemPerSecond, *ids: str) -> float:
+        self.refused += 1
+        reset_at = self._limiter.get_window_stats(item, *ids).reset_time
+        return max(1.0, reset_at - time.time())
+
+    def hit(self, client_addr: str | None, username: str = "") -> float | None:
+        """Count one attempt from ``client_addr`` at ``username``; None if allowed, else the seconds to wait."""
+        key, account = client_addr or "unknown", username[:64]
+        if not self._limiter.test(self._fail_item, "failed", key, account):
+            return self._wait(self._fail_item, "failed", key, account)
+        if not self._limiter.hit(self._item, "sign-in", key):
+            return self._wait(self._item, "sign-in", key)
+        return None
+
+    def failed(self, client_addr: str | None, username: str) -> None:
+        """Record a failed sign-in (wrong password or code) from ``client_addr`` into ``username``."""
+        self._limiter.hit(self._fail_item, "failed", client_addr or "unknown", username[:64])

@@ -53,7 +53,10 @@ from broker_config.acl import Role, generate_acl
 from broker_config.topics import TopicError, TopicSpace, valid_id
 
 __all__ = [
+    "CRL_RENEW_BEFORE",
     "ClientCredentials",
+    "CrlStatus",
+    "check_crl",
     "ProvisionError",
     "ProvisionResult",
     "add_unit",
@@ -73,6 +76,8 @@ LEAF_VALIDITY = timedelta(days=825)
 """Server and client certificates: 825 days, the CA/Browser Forum ceiling of the time; renew with add_unit."""
 CRL_VALIDITY = timedelta(days=365)
 """OpenSSL refuses *every* client once the CRL's nextUpdate has passed: re-sign with :func:`renew_crl` in time."""
+CRL_RENEW_BEFORE = timedelta(days=30)
+""":func:`check_crl` asks for a renewal this long before nextUpdate (a monthly timer renews with a month to spare)."""
 CLOCK_SKEW = timedelta(minutes=5)
 
 PBKDF2_ITERATIONS = 101
@@ -626,7 +631,56 @@ def revoke(out_dir: Path, unit_id: str) -> None:
 
 
 def renew_crl(out_dir: Path) -> Path:
-    """Re-sign the CRL with the same entries and a fresh nextUpdate (do it well before :data:`CRL_VALIDITY` ends)."""
+    """Re-sign the CRL with the same entries and a fresh nextUpdate (do it well before :data:`CRL_VALIDITY` ends).
+
+    The broker reads the new file on SIGHUP (``crlfile``); connected clients stay connected.
+    """
     directory = _Directory.open(out_dir)
     directory.write_crl(directory.revoked_entries(), datetime.now(UTC))
+    logger.info("CRL renewed entries=%d", len(directory.revoked_entries()))
     return directory.root / CRL_FILE
+
+
+@dataclass(frozen=True, slots=True)
+class CrlStatus:
+    """The CRL's validity at ``checked_at``: ``state`` is ``ok``, ``renew`` (nextUpdate within the warning
+    period) or ``expired`` (nextUpdate passed: OpenSSL, hence Mosquitto, refuses every client certificate)."""
+
+    crl_file: Path
+    next_update: datetime
+    checked_at: datetime
+    revoked: int
+    state: str
+
+    @property
+    def remaining(self) -> timedelta:
+        """Time left until nextUpdate (negative once passed)."""
+        return self.next_update - self.checked_at
+
+
+def check_crl(crl_file: Path, *, renew_before: timedelta = CRL_RENEW_BEFORE, now: datetime | None = None) -> CrlStatus:
+    """Read a CRL (PEM) and say whether it must be renewed; logs a warning (``renew``) or an error (``expired``).
+
+    Accepts the provisioning folder or the ``crl.pem`` itself.
+
+    Raises:
+        ProvisionError: the file is missing, not a CRL, or has no nextUpdate.
+    """
+    path = crl_file / CRL_FILE if crl_file.is_dir() else crl_file
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        raise ProvisionError(f"{path.name} cannot be read as a PEM CRL") from None
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise ProvisionError(f"{path.name} has no nextUpdate")
+    at = now or datetime.now(UTC)
+    state = "expired" if next_update <= at else "renew" if next_update - at <= renew_before else "ok"
+    status = CrlStatus(path, next_update, at, len(crl), state)
+    if state == "expired":
+        logger.error("CRL expired at %s: the broker refuses every client; run goldenhour broker renew-crl and SIGHUP",
+                     next_update.isoformat())  # fmt: skip
+    elif state == "renew":
+        logger.warning("CRL nextUpdate %s is %d days away: run goldenhour broker renew-crl and SIGHUP",
+                       next_update.isoformat(), status.remaining.days)  # fmt: skip
+    return status

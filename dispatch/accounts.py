@@ -11,9 +11,13 @@
   exempt: their secrets are 256-bit random, and a lockout would be a way to blind an emergency department.
 * Access tokens: :func:`broker_config.identity.issue_token`, short-lived (default 15 min).
 * Refresh tokens: opaque (``ghr_`` + 256 random bits), stored as SHA-256 only, valid for a shift (default 12 h),
-  rotated on every use.  Presenting an already-used token revokes the whole sign-in session (token theft
-  detection, as OAuth 2.0 Security BCP section 4.14 recommends), except within :data:`ROTATION_GRACE_S` of its
-  rotation (two browser tabs refreshing at once).  Services get no refresh token: they sign in again.
+  rotated on every use.  Presenting an already-rotated token revokes the whole sign-in session, the refresh-token
+  family and its access tokens (RFC 9700, OAuth 2.0 Security BCP, section 4.14.2: the server cannot tell the thief
+  from the legitimate client, so both lose the session).  There is no grace period: pages that may refresh from
+  several tabs must take turns (one refresh at a time per browser).  Services get no refresh token: they sign in
+  again.
+* Sign-out and reuse revoke at once: access tokens carry the session id (``sid``), and the session goes into the
+  :class:`~broker_config.identity.RevokedSessions` store every request checks, until its last token expires.
 
 Nothing here logs a password, a TOTP secret or code, or a token.
 """
@@ -41,6 +45,7 @@ from broker_config.identity import (
     HOSPITAL_BOUND_ROLES,
     SUBJECT_PATTERN,
     Claims,
+    RevokedSessions,
     Role,
     SecurityMode,
     issue_token,
@@ -60,7 +65,6 @@ from dispatch.errors import (
 __all__ = [
     "LOCKOUT_S",
     "MAX_FAILURES",
-    "ROTATION_GRACE_S",
     "AccountRecord",
     "AccountService",
     "AccountStore",
@@ -78,7 +82,6 @@ logger = logging.getLogger(__name__)
 
 MAX_FAILURES = 5
 LOCKOUT_S = 15 * 60.0
-ROTATION_GRACE_S = 10.0
 MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_CHARS = 256
 TOTP_STEP_S = 30
@@ -201,6 +204,7 @@ class AccountService:
         refresh_ttl_s: refresh-token lifetime (default 12 h, one shift).
         mode: :class:`SecurityMode`; demo accounts only in development.
         clock: UTC clock (tests pin it).
+        revoked: the revoked-session store the service's requests check (sign-out and reuse add to it).
     """
 
     def __init__(
@@ -213,6 +217,7 @@ class AccountService:
         mode: SecurityMode = SecurityMode.PRODUCTION,
         clock: Callable[[], datetime] = utc_now,
         hasher: PasswordHasher | None = None,
+        revoked: RevokedSessions | None = None,
     ) -> None:
         if access_ttl_s <= 0 or refresh_ttl_s <= access_ttl_s:
             raise ValueError("access_ttl_s must be positive and shorter than refresh_ttl_s")
@@ -222,6 +227,7 @@ class AccountService:
         self.access_ttl_s = access_ttl_s
         self.refresh_ttl_s = refresh_ttl_s
         self._key = signing_key
+        self.revoked = revoked if revoked is not None else RevokedSessions()
         self._hasher = hasher or PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 
@@ -301,6 +307,7 @@ class AccountService:
             now=now,
             hospital_id=record.hospital_id,
             unit_id=record.unit_id,
+            session_id=family,
         )
         if family is None:
             return Session(token, claims, None, None)
@@ -322,9 +329,8 @@ class AccountService:
         if stored is None or stored.expires_at <= now:
             raise InvalidRefreshTokenError("invalid refresh token")
         if stored.revoked_at is not None:
-            if now - stored.revoked_at > timedelta(seconds=ROTATION_GRACE_S):
-                await self.store.revoke_refresh_family(stored.family, now)
-                logger.warning("refresh token reused; session revoked user=%s", stored.username)
+            await self._end_session(stored.family, now)
+            logger.warning("refresh token reused; session revoked user=%s", stored.username)
             raise InvalidRefreshTokenError("invalid refresh token")
         record = await self.store.get_account(stored.username)
         if record is None or record.disabled:
@@ -332,11 +338,21 @@ class AccountService:
         await self.store.save_refresh(replace(stored, revoked_at=now))
         return await self._session(record, now, stored.family)
 
-    async def logout(self, refresh_token: str) -> None:
-        """Revoke the sign-in session of ``refresh_token`` (unknown tokens are ignored)."""
+    async def logout(self, refresh_token: str, session_id: str | None = None) -> None:
+        """Revoke the sign-in session of ``refresh_token`` and/or of an access token's ``session_id``: its refresh
+        tokens and, at once, its access tokens (unknown tokens are ignored)."""
+        now = self.clock()
         stored = await self.store.get_refresh(_digest(refresh_token)) if refresh_token.startswith("ghr_") else None
-        if stored is not None:
-            await self.store.revoke_refresh_family(stored.family, self.clock())
+        families = {stored.family} if stored is not None else set()
+        if session_id is not None:
+            families.add(session_id)
+        for family in families:
+            await self._end_session(family, now)
+
+    async def _end_session(self, family: str, now: datetime) -> None:
+        """Revoke a refresh-token family and refuse its access tokens until the last one would have expired."""
+        await self.store.revoke_refresh_family(family, now)
+        self.revoked.revoke(family, now + timedelta(seconds=self.access_ttl_s + 60))
 
     # --- administration ------------------------------------------------------------------------------------------
 

@@ -334,7 +334,7 @@ def create_app(
         try:
             new = await svc.set_hospital_status(
                 hospital_id,
-                by=change.set_by,
+                by=caller.username,  # who, from the token: never the body's say-so (set_by is ignored)
                 at=now,
                 diversion=change.diversion,
                 cath_lab_busy=change.cath_lab_busy,

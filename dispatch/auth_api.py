@@ -2,9 +2,14 @@
 
 * ``POST /api/auth/login``    username + password (+ ``totp``) -> access token (15 min) + refresh token (12 h), also
   set as cookies ``gh_access`` (Path=/) and ``gh_refresh`` (Path=/api/auth), both HttpOnly and SameSite=Strict.
-  401 wrong credentials (one message for every cause), 401 ``totp_required``, 423 locked (5 failures -> 15 min).
+  401 wrong credentials (one message for every cause), 401 ``totp_required``, 423 locked (5 failures -> 15 min),
+  429 with ``Retry-After`` beyond 10 attempts a minute from one client address, or beyond 4 failures into one account
+  from one address in 15 minutes (:class:`~broker_config.identity.SignInThrottle`; before any password is checked);
+  a sign-in forwarded by a service (the board) with its service token counts against the person's address in
+  ``X-Forwarded-For``, never against the board's (or one flood would lock every nurse of that board out).
 * ``POST /api/auth/refresh``  rotate the refresh token (body or cookie) -> new tokens; 401 if invalid or reused.
-* ``POST /api/auth/logout``   revoke the sign-in session; clears the cookies (204).
+* ``POST /api/auth/logout``   revoke the sign-in session (refresh token in body or cookie, and/or the caller's access
+  token): its refresh tokens and, at once, its access tokens; clears the cookies (204).
 * ``GET  /api/auth/me``       who the token says the caller is.
 * ``POST /api/accounts``, ``GET /api/accounts``, ``PATCH /api/accounts/{username}`` (administrator).
 * ``GET  /api/audit``         rows, filtered by unit / alert / incident / actor (quality manager, administrator).
@@ -14,6 +19,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
@@ -53,6 +61,7 @@ from dispatch.security import (
     AuditorCaller,
     Caller,
     SecurityRuntime,
+    authenticate,
     record,
     require,
     security_runtime,
@@ -60,6 +69,8 @@ from dispatch.security import (
 from dispatch.service import DispatchService
 
 __all__ = ["auth_router", "principal_public"]
+
+logger = logging.getLogger(__name__)
 
 ServiceCaller = Annotated[Caller, Depends(require(Role.SERVICE))]
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
@@ -133,6 +144,20 @@ def _clear(response: Response, secure: bool) -> None:
     response.delete_cookie(REFRESH_COOKIE, path="/api/auth", secure=secure, httponly=True, samesite="strict")
 
 
+def _throttle_address(request: Request) -> str | None:
+    """The address a sign-in counts against: the peer's, or the one a service (the board) forwards for a person."""
+    peer = request.client.host if request.client else None
+    forwarded = request.headers.get("x-forwarded-for")
+    if not forwarded or not request.headers.get("authorization"):
+        return peer
+    try:
+        caller = authenticate(request)
+        address = ipaddress.ip_address(forwarded.split(",")[-1].strip())
+    except (HTTPException, ValueError):
+        return peer
+    return f"{address}" if caller.role is Role.SERVICE else peer
+
+
 def auth_router() -> APIRouter:
     """The routes of this module."""
     router = APIRouter()
@@ -142,10 +167,25 @@ def auth_router() -> APIRouter:
     @router.post(
         "/api/auth/login",
         tags=["auth"],
-        responses={401: {"description": "invalid credentials, or totp_required"}, 423: {"description": "locked"}},
+        responses={
+            401: {"description": "invalid credentials, or totp_required"},
+            423: {"description": "locked"},
+            429: {"description": "too many attempts from this address (Retry-After)"},
+        },
     )
-    async def login(body: LoginRequest, response: Response, svc: ServiceDep, sec: SecurityDep) -> TokenResponse:
+    async def login(
+        body: LoginRequest, request: Request, response: Response, svc: ServiceDep, sec: SecurityDep
+    ) -> TokenResponse:
         """Sign in with username, password and (if enrolled) a TOTP code."""
+        client = _throttle_address(request)
+        wait_s = sec.throttle.hit(client, body.username)
+        if wait_s is not None:
+            logger.warning("sign-in throttled client=%s", client)
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                "too many sign-in attempts from this address, try again later",
+                headers={"Retry-After": str(math.ceil(wait_s))},
+            )
         accounts = sec.accounts(svc.repo)
         try:
             session = await accounts.login(body.username, body.password, body.totp)
@@ -154,6 +194,7 @@ def auth_router() -> APIRouter:
         except AccountLockedError:
             raise HTTPException(status.HTTP_423_LOCKED, "account locked, try again later") from None
         except InvalidCredentialsError:
+            sec.throttle.failed(client, body.username)
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "invalid username, password or code", headers=_UNAUTHORIZED
             ) from None
@@ -181,10 +222,14 @@ def auth_router() -> APIRouter:
     async def logout(
         request: Request, response: Response, svc: ServiceDep, sec: SecurityDep, body: LogoutRequest | None = None
     ) -> None:
-        """Revoke the sign-in session and clear the cookies (access tokens already issued expire on their own)."""
+        """Revoke the sign-in session (its refresh and access tokens, at once) and clear the cookies."""
         token = (body.refresh_token if body else None) or request.cookies.get(REFRESH_COOKIE, "")
         try:
-            await sec.accounts(svc.repo).logout(token)
+            session_id = authenticate(request).claims.sid
+        except HTTPException:
+            session_id = None  # no, expired or foreign access token: the refresh token alone decides
+        try:
+            await sec.accounts(svc.repo).logout(token, session_id)
         except StoreError:
             raise _store_unavailable() from None
         _clear(response, sec.security.cookie_secure)

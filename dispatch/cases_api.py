@@ -240,7 +240,7 @@ def cases_router() -> APIRouter:
                 lon_deg=body.lon_deg,
                 complaint=body.complaint,
                 priority=body.priority,
-                created_by=body.created_by,
+                created_by=caller.username,  # from the token, never the body
                 case_type=body.case_type,
                 caller_notes=body.caller_notes,
                 call_received_at=body.call_received_at,
@@ -343,7 +343,7 @@ def cases_router() -> APIRouter:
         """Assign a unit: Notice(kind=assignment) to it, eTimes.02/.03; the unit assigned before (if another) gets
         Notice(kind=assignment_cancelled)."""
         try:
-            result = await svc.cases.assign(incident_id, body.unit_id, body.by)
+            result = await svc.cases.assign(incident_id, body.unit_id, caller.username)  # body.by is ignored
         except UnknownIncidentError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown incident") from None
         except UnknownUnitError:
@@ -366,7 +366,7 @@ def cases_router() -> APIRouter:
     async def cancel(incident_id: str, body: CancelRequest, svc: ServiceDep, caller: Dispatcher) -> AssignResponse:
         """Cancel the incident; its unit gets Notice(kind=assignment_cancelled)."""
         try:
-            result = await svc.cases.cancel(incident_id, body.by)
+            result = await svc.cases.cancel(incident_id, caller.username)  # body.by is ignored
         except UnknownIncidentError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown incident") from None
         except IncidentClosedError as exc:

@@ -5,6 +5,8 @@
 * :func:`authenticate`: the caller's :class:`~broker_config.identity.Claims` from ``Authorization: Bearer`` or,
   for browsers, the ``gh_access`` cookie (HttpOnly, SameSite=Strict).  A cookie-authenticated request that changes
   something must come from this origin (``Origin`` header, when the browser sends one, equal to the host).
+  A token of a signed-out session (its ``sid`` in :attr:`SecurityRuntime.revoked`) is refused at once (401).
+* :attr:`SecurityRuntime.throttle`: sign-in attempts per client address (429 with ``Retry-After``).
 * :func:`require`: the dependency factory for role checks; :data:`AnyCaller` etc. are the ``Annotated`` aliases.
 * :func:`record`: append an audit row for the caller (who, role, from where), failing closed for reads.
 
@@ -26,8 +28,10 @@ from broker_config import utc_now
 from broker_config.identity import (
     ACCESS_COOKIE,
     Claims,
+    RevokedSessions,
     Role,
     SecurityMode,
+    SignInThrottle,
     TokenError,
     generate_signing_key,
     issue_token,
@@ -126,8 +130,9 @@ class DispatchSecurity:
         )
         return token
 
-    def account_service(self, store: AccountStore) -> AccountService:
-        """Sign-in and accounts on ``store`` (dispatch's repository) with this configuration."""
+    def account_service(self, store: AccountStore, revoked: RevokedSessions | None = None) -> AccountService:
+        """Sign-in and accounts on ``store`` (dispatch's repository) with this configuration; sign-outs go into
+        ``revoked`` (the app's store, checked by :func:`authenticate`)."""
         return AccountService(
             store,
             self.signing_key,
@@ -135,21 +140,25 @@ class DispatchSecurity:
             refresh_ttl_s=self.refresh_ttl_s,
             mode=self.mode,
             clock=self.clock,
+            revoked=revoked,
         )
 
 
 class SecurityRuntime:
-    """What the routes share: the configuration and the account service of the app's repository."""
+    """What the routes share: the configuration, the account service of the app's repository, the revoked
+    sessions and the sign-in throttle (``throttle=None``: no per-address limit)."""
 
-    def __init__(self, security: DispatchSecurity) -> None:
+    def __init__(self, security: DispatchSecurity, throttle: SignInThrottle | None = None) -> None:
         self.security = security
+        self.revoked = RevokedSessions()
+        self.throttle = throttle if throttle is not None else SignInThrottle()
         self._accounts: AccountService | None = None
         self._store: object | None = None
 
     def accounts(self, store: AccountStore) -> AccountService:
         """The account service on ``store`` (built once per repository)."""
         if self._accounts is None or self._store is not store:
-            self._accounts = self.security.account_service(store)
+            self._accounts = self.security.account_service(store, self.revoked)
             self._store = store
         return self._accounts
 
@@ -215,6 +224,9 @@ def authenticate(request: Request) -> Caller:
     except TokenError as exc:
         logger.info("token refused reason=%s path=%s", exc.reason, request.url.path)
         raise _unauthorized("invalid or expired token") from None
+    if runtime.revoked.is_revoked(claims, runtime.security.clock()):
+        logger.info("token refused reason=signed_out user=%s path=%s", claims.sub, request.url.path)
+        raise _unauthorized("session ended") from None
     if from_cookie and request.method not in _SAFE_METHODS and not _same_origin(request):
         raise forbidden("cross-origin request refused")
     return Caller(claims, request.client.host if request.client else None)

@@ -208,8 +208,12 @@ class DispatchClient:
         except httpx.HTTPError as exc:
             raise DispatchUnavailableError(type(exc).__name__) from None
 
-    async def forward_auth(self, action: str, body: dict[str, Any]) -> tuple[int, Any]:
-        """Forward a person's ``login``, ``refresh`` or ``logout`` to dispatch (no service token): (status, JSON).
+    async def forward_auth(self, action: str, body: dict[str, Any], client_addr: str | None = None) -> tuple[int, Any]:
+        """Forward a person's ``login``, ``refresh`` or ``logout`` to dispatch: (status, JSON).
+
+        With ``client_addr`` (the person's address) and service credentials, the request carries the board's service
+        token and ``X-Forwarded-For: client_addr``, so dispatch throttles sign-ins per person's address and not per
+        board (:class:`broker_config.identity.SignInThrottle`).  Without a service token it goes unauthenticated.
 
         Raises:
             DispatchUnavailableError: not configured, timeout, connection failure, not JSON.
@@ -218,9 +222,17 @@ class DispatchClient:
             raise ValueError("unknown auth action")
         if self._client is None or self._base_url is None:
             raise DispatchUnavailableError("not configured")
+        headers: dict[str, str] = {}
+        if client_addr is not None:
+            try:
+                token = await self._service_token()
+            except (TimeoutError, httpx.HTTPError, DispatchUnavailableError):
+                token = None  # the person's sign-in still goes through, throttled as the board's
+            if token is not None:
+                headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": client_addr}
         try:
             async with asyncio.timeout(self._timeout_s):
-                response = await self._client.post(f"{self._base_url}/api/auth/{action}", json=body)
+                response = await self._client.post(f"{self._base_url}/api/auth/{action}", json=body, headers=headers)
             return response.status_code, (response.json() if response.content else None)
         except TimeoutError:
             raise DispatchUnavailableError("timeout") from None

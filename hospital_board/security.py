@@ -9,6 +9,10 @@
   also carry a same-origin ``Origin`` when the browser sends one.  API clients may use ``Authorization: Bearer``.
 * An event stream ends when its token expires; the page's ``EventSource`` reconnects with the refreshed cookie
   (``common.js`` refreshes it before expiry) and receives a full snapshot, so nobody misses an alert.
+* Sign-out revokes at once: the board keeps a :class:`~broker_config.identity.RevokedSessions` store of the
+  sessions signed out (or refused at refresh) through it and refuses their tokens (``sid``) before they expire.
+  Sign-in attempts are throttled per client address (:class:`~broker_config.identity.SignInThrottle`, 429 with
+  ``Retry-After``) before they are forwarded: dispatch sees only the board's address.
 * Who may see what: ED staff and department on-call: their hospital's board, inbound patients, acknowledgement;
   dispatcher and administrator: any hospital's board, read only; crew: their own unit's detail and phone view;
   quality manager: no live board (reports are in dispatch); services: nothing here.
@@ -37,8 +41,10 @@ from broker_config import utc_now
 from broker_config.identity import (
     ACCESS_COOKIE,
     Claims,
+    RevokedSessions,
     Role,
     SecurityMode,
+    SignInThrottle,
     TokenError,
     load_verify_key,
     verify_token,
@@ -66,12 +72,15 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 @dataclass(frozen=True, slots=True)
 class BoardSecurity:
-    """Verification keys (current first, then retired ones still accepted), mode, cookie policy, clock."""
+    """Verification keys (current first, then retired ones still accepted), mode, cookie policy, clock; the
+    sessions signed out through this board and the sign-in throttle."""
 
     mode: SecurityMode
     verify_keys: tuple[Ed25519PublicKey, ...]
     cookie_secure: bool = True
     clock: Callable[[], datetime] = field(default=utc_now)
+    revoked: RevokedSessions = field(default_factory=RevokedSessions)
+    throttle: SignInThrottle = field(default_factory=SignInThrottle)
 
     @classmethod
     def from_texts(
@@ -132,6 +141,9 @@ def viewer_or_none(request: Request) -> Viewer | None:
         claims = verify_token(token.strip(), security.verify_keys, now=security.clock())
     except TokenError as exc:
         logger.info("token refused reason=%s path=%s", exc.reason, request.url.path)
+        return None
+    if security.revoked.is_revoked(claims, security.clock()):
+        logger.info("token refused reason=signed_out user=%s path=%s", claims.sub, request.url.path)
         return None
     if from_cookie and request.method not in _SAFE_METHODS and not _same_origin(request):
         raise forbidden("cross-origin request refused")

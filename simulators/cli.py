@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke = broker_sub.add_parser("revoke", help="revoke a unit or service (CRL, password, ACL); then SIGHUP")
     revoke.add_argument("--out", type=Path, required=True)
     revoke.add_argument("account")
+    renew = broker_sub.add_parser("renew-crl", help="re-sign the CRL with a fresh nextUpdate (monthly); then SIGHUP")
+    renew.add_argument("--out", type=Path, required=True)
+    renew.add_argument("--if-due", action="store_true", help="only when check-crl would warn (for a daily timer)")
+    check_crl = broker_sub.add_parser("check-crl", help="exit 0 ok, 1 renewal due (30 days), 2 CRL expired")
+    check_crl.add_argument("--out", type=Path, required=True, help="the provisioning folder or the crl.pem")
+    check_crl.add_argument("--warn-days", type=int, default=30)
 
     sub.add_parser("agent", help="run the in-vehicle agent (EMS_AGENT_* settings; crew screen on 127.0.0.1:8080)")
 
@@ -210,9 +217,20 @@ def _run_sync(args: argparse.Namespace, extra: Sequence[str]) -> int | None:
         elif args.broker_command == "add-unit":
             prov.add_unit(args.out, args.unit_id)
             sys.stdout.write(f"added {args.unit_id}; send SIGHUP to the broker to load it\n")
-        else:
+        elif args.broker_command == "revoke":
             prov.revoke(args.out, args.account)
             sys.stdout.write(f"revoked {args.account}; send SIGHUP to the broker to apply it\n")
+        elif args.broker_command == "check-crl":
+            status = prov.check_crl(args.out, renew_before=timedelta(days=args.warn_days))
+            sys.stdout.write(f"CRL {status.state}: nextUpdate {status.next_update.isoformat()}\n")
+            return {"ok": 0, "renew": 1}.get(status.state, 2)
+        else:  # renew-crl
+            if args.if_due and prov.check_crl(args.out).state == "ok":
+                sys.stdout.write("CRL not due for renewal\n")
+                return 0
+            crl_file = prov.renew_crl(args.out)
+            status = prov.check_crl(crl_file)
+            sys.stdout.write(f"CRL renewed: nextUpdate {status.next_update.isoformat()}; send SIGHUP to the broker\n")
         return 0
     if args.command == "db" and args.db_command == "maintain":
         from telemetry import maintenance

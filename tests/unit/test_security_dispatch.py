@@ -83,7 +83,14 @@ async def env() -> AsyncIterator[Env]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dispatch") as http:
         e = Env(service, security, http)
         e.clock = clock  # type: ignore[attr-defined]
+        e.app = app  # type: ignore[attr-defined]
         yield e
+
+
+def from_address(env: Env, n: int) -> httpx.AsyncClient:
+    """A client at its own address: one address alone cannot reach the lockout (test_security_sessions.py)."""
+    transport = httpx.ASGITransport(app=env.app, client=(f"192.0.2.{n}", 50000))  # type: ignore[attr-defined]
+    return httpx.AsyncClient(transport=transport, base_url="http://dispatch")
 
 
 async def _accounts(env: Env) -> None:
@@ -136,11 +143,13 @@ async def test_wrong_password_and_unknown_user_get_the_same_answer(env: Env) -> 
 async def test_five_failures_lock_the_account_for_15_minutes(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     await _accounts(env)
     clock: Clock = env.clock  # type: ignore[attr-defined]
-    for _ in range(4):
-        bad = await env.http.post("/api/auth/login", json={"username": "disp", "password": "wrong password!"})
+    for n in range(4):  # from several addresses: a distributed guess still meets the lockout
+        async with from_address(env, n) as http:
+            bad = await http.post("/api/auth/login", json={"username": "disp", "password": "wrong password!"})
         assert bad.status_code == 401
     assert (await env.repo.get_account("disp")).failed_logins == 4  # type: ignore[union-attr]
-    fifth = await env.http.post("/api/auth/login", json={"username": "disp", "password": "wrong password!"})
+    async with from_address(env, 4) as http:
+        fifth = await http.post("/api/auth/login", json={"username": "disp", "password": "wrong password!"})
     assert fifth.status_code == 401
     locked = await env.http.post("/api/auth/login", json={"username": "disp", "password": PASSWORD})
     assert locked.status_code == 423, "even the right password is refused while locked"
@@ -212,8 +221,9 @@ async def test_logout_revokes_the_session(env: Env) -> None:
 async def test_service_accounts_get_no_refresh_token_and_are_never_locked(env: Env) -> None:
     accounts = env.security.account_service(env.repo)
     await accounts.create_account("board", Role.SERVICE, "s" * 40 + "ecret!")
-    for _ in range(7):
-        await env.http.post("/api/auth/login", json={"username": "board", "password": "wrong-wrong-wrong"})
+    for n in range(7):
+        async with from_address(env, n) as http:
+            await http.post("/api/auth/login", json={"username": "board", "password": "wrong-wrong-wrong"})
     ok = await env.http.post("/api/auth/login", json={"username": "board", "password": "s" * 40 + "ecret!"})
     assert ok.status_code == 200
     assert ok.json()["refresh_token"] is None
