@@ -1,7 +1,8 @@
 """``python -m ambulance_agent``: run the in-vehicle agent from ``EMS_AGENT_*`` / ``EMS_MQTT_*`` settings.
 
 Exit codes: 0 after SIGTERM/SIGINT (the retained ``offline`` death is published first), 2 for invalid settings,
-3 when the broker refuses the credentials.
+3 when the broker refuses the credentials, 4 when the outbox cannot be opened (e.g. sealed with a key the unit does
+not hold: nothing is deleted; configure the key and start again).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pydantic import ValidationError
 
 from ambulance_agent.main import build, serve
+from ambulance_agent.outbox import OutboxError
 from ambulance_agent.settings import AgentSettings
 from broker_config.connection import AuthError
 
@@ -33,7 +35,12 @@ def main() -> int:
     logging.getLogger().setLevel(settings.log_level)
     refused = False
     try:
-        asyncio.run(serve(build(settings)))
+        built = build(settings)
+    except OutboxError as exc:
+        logger.error("%s", exc)
+        return 4
+    try:
+        asyncio.run(serve(built))
     except* AuthError:
         logger.error("the broker refused the unit's credentials")
         refused = True

@@ -8,6 +8,7 @@ Tasks, all in one ``asyncio.TaskGroup`` (structured concurrency):
 * one acquisition task per source: builds contract models and hands them to a bounded in-memory queue without
   ever waiting on disk or network (a full queue drops and counts);
 * the outbox writer: allocates each stream's ``seq`` and stores the encoded message durably (off the loop thread);
+  a 12-lead ECG chunk carries III, aVR, aVL and aVF as residuals from I and II (lossless, see broker_config.codec);
 * the sender: publishes from the outbox in priority order with at most ``max_in_flight`` messages in flight, each
   publish bounded by ``publish_timeout_s`` (FF-03); only a PUBACK deletes a message, anything else leaves it for a
   re-send (the store de-duplicates by (unit, stream, seq));
@@ -46,6 +47,7 @@ from pathlib import Path
 import aiomqtt
 from pydantic import BaseModel, ValidationError
 
+from ambulance_agent.crypto import UnitCipher
 from ambulance_agent.delivery import DeliveryTracker
 from ambulance_agent.heart_rate import HeartRateEstimator, HeartRateResult, heart_rate_from_ecg
 from ambulance_agent.outbox import Outbox, OutboxMessage
@@ -85,6 +87,7 @@ from broker_config import (
     valid_id,
 )
 from broker_config.connection import MqttLink, NotConnectedError, Will
+from broker_config.topics import loggable
 
 __all__ = ["Agent", "LinkHealth"]
 
@@ -183,6 +186,7 @@ class Agent:
         on_notice: optional callback for every accepted Notice (called on the event loop; must be quick).
         clock: UTC clock for ``sent_at`` and crew taps.
         client_id: MQTT client id (default ``agent-{unit_id}``); the session is persistent (clean session off).
+        cipher: the unit's key sealing the outbox at rest (:mod:`ambulance_agent.crypto`; None: clear, tests only).
 
     Raises:
         TopicError: invalid ``unit_id``.
@@ -216,6 +220,7 @@ class Agent:
         bandwidth_max_bps: int = 10_000_000,
         video: Source[CameraFrame] | None = None,
         video_fps: float = 2.0,
+        cipher: UnitCipher | None = None,
     ) -> None:
         self.unit_id = valid_id(unit_id)
         self.space = space
@@ -233,7 +238,7 @@ class Agent:
         self.hr_window_s = hr_window_s
         self.on_notice = on_notice
         self._clock = clock
-        self.outbox = Outbox(outbox_path, max_bytes=outbox_max_bytes)
+        self.outbox = Outbox(outbox_path, max_bytes=outbox_max_bytes, cipher=cipher)
         self._link = MqttLink(
             broker, client_id=client_id or f"agent-{unit_id}", clean_session=False, will=self._make_will
         )
@@ -446,7 +451,7 @@ class Agent:
             self._incoming.put_nowait(message)
         except asyncio.QueueFull:
             self.rejected["incoming queue full"] += 1
-            logger.warning("incoming queue full, message dropped topic=%s", message.topic)
+            logger.warning("incoming queue full, message dropped topic=%s", loggable(str(message.topic)))
 
     # --- incoming notices ----------------------------------------------------------------------------------------
 
@@ -476,11 +481,11 @@ class Agent:
                 raise PayloadError(topic, f"unexpected {parsed.stream.value} message")
         except PayloadError as exc:
             self.rejected[exc.reason[:80]] += 1
-            logger.warning("message rejected topic=%s bytes=%d reason=%s", topic, len(payload), exc.reason)
+            logger.warning("message rejected topic=%s bytes=%d reason=%s", loggable(topic), len(payload), exc.reason)
             return
         except Exception:  # the per-message error boundary: one bad message never stops the loop
             self.rejected["handler error"] += 1
-            logger.warning("notice handler failed topic=%s bytes=%d", topic, len(payload), exc_info=True)
+            logger.warning("notice handler failed topic=%s bytes=%d", loggable(topic), len(payload), exc_info=True)
             return
         async with self._notice_cond:
             self._notice_cond.notify_all()
@@ -629,7 +634,7 @@ class Agent:
             topic = self.space.topic(item.stream, self.unit_id)
 
             def encode_payload(seq: int, item: _Pending = item) -> bytes:
-                return encode(item.stream, item.build(seq, self._clock()))
+                return encode(item.stream, item.build(seq, self._clock()), ecg_limb_residuals=True)
 
             try:
                 seq = await asyncio.to_thread(self.outbox.put, item.stream, topic, encode_payload)
@@ -832,7 +837,7 @@ class Agent:
     def _as_historical(self, message: OutboxMessage) -> OutboxMessage:
         try:
             _, model = decode(self.space, message.topic, message.payload)
-            payload = encode(message.stream, model.model_copy(update={"historical": True}))
+            payload = encode(message.stream, model.model_copy(update={"historical": True}), ecg_limb_residuals=True)
         except PayloadError:
             return message
         return dataclasses.replace(message, payload=payload, retain=False)

@@ -6,8 +6,10 @@ same run.
    raw int16 encoding of the same chunks (baseline).  Target <= 1.0 B/sample.
 2. Agent CPU (% of one core) and RSS while streaming 12-lead 500 Hz ECG (the PTB record s0010_re, i..v6, resampled
    1000 -> 500 Hz; when the shared data is absent, a synthetic 12-lead built from MIT-BIH 100's two leads and their
-   Einthoven/Goldberger combinations, marked as such), monitor vitals (MIMIC-II numerics) and NMEA GPS (a TCP feed
-   replaying a real receiver log) to the broker: ``python -m ambulance_agent`` in a subprocess, measured with psutil;
+   Einthoven/Goldberger combinations, marked as such), monitor vitals (MIMIC-II numerics), NMEA GPS (a TCP feed
+   replaying a real receiver log) and 2 fps video through the real capture path (PyAV decoding a 640x480 10 fps H.264
+   file in real time, sampled at 2 fps, JPEG-encoded) to the broker: ``python -m ambulance_agent`` in a subprocess,
+   measured with psutil, once with the camera and once without (the camera's own cost);
    the baseline is a bare publisher in a subprocess (same interpreter and imports) sending the same ECG chunks with
    aiomqtt at QoS 1 (no outbox, no heart rate, no vitals/GPS, no crew screen).  Targets: CPU <= 10 % of a core,
    RSS <= 150 MB.
@@ -119,11 +121,18 @@ def ecg_bytes_per_sample(max_s: float) -> None:
     replay12, label = twelve_lead()
     samples = replay12.record_samples()
     chunks = _chunks(samples, replay12.fs_hz, replay12.leads, replay12.gain_adc_per_mv, replay12.baseline_adc)
-    sizes = [(len(encode_ecg(c)), len(encode_ecg(c, encoding=EcgEncoding.RAW_INT16)), c.samples.size) for c in chunks]
+    sizes = [
+        (len(encode_ecg(c)), len(encode_ecg(c, encoding=EcgEncoding.RAW_INT16)), c.samples.size,
+         len(encode_ecg(c, limb_residuals=True)))
+        for c in chunks
+    ]  # fmt: skip
     g = sum(s[0] for s in sizes) / sum(s[2] for s in sizes)
     r = sum(s[1] for s in sizes) / sum(s[2] for s in sizes)
+    lr = sum(s[3] for s in sizes) / sum(s[2] for s in sizes)
     out(f"   12-lead 500 Hz ({label}): GHE1 {g:.3f} B/sample; raw {r:.3f}; ratio {g / r:.3f};"
         f" {g * 6000 * 8 / 1000:.1f} kbit/s of ECG")  # fmt: skip
+    out(f"     with limb-lead residuals (III, aVR, aVL, aVF from I and II; what the agent sends): {lr:.3f} B/sample,"
+        f" ratio to plain GHE1 {lr / g:.3f}; {lr * 6000 * 8 / 1000:.1f} kbit/s of ECG")  # fmt: skip
 
 
 def twelve_lead_record() -> tuple[Path, str]:
@@ -250,29 +259,44 @@ async def stop_process(proc: asyncio.subprocess.Process) -> None:
 
 
 async def cpu_and_rss(url: str | None, seconds: float) -> None:
+    import base64
+
+    from ambulance_agent.crypto import generate_unit_key
+    from ambulance_agent.video import write_test_clip
+
     record, label = twelve_lead_record()
-    out(f"2. Agent CPU and RSS, 12-lead 500 Hz ECG ({label}) + monitor vitals + NMEA GPS, {seconds:.0f} s")
+    out(f"2. Agent CPU and RSS, 12-lead 500 Hz ECG ({label}) + monitor vitals + NMEA GPS + 2 fps video,"
+        f" {seconds:.0f} s")  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="gh-bench-agent-"))
+    clip = write_test_clip(workdir / "cabin.mp4", seconds=20.0, fps=10, size=(640, 480))
     async with broker_for(url) as broker, nmea_feed() as gps_port:
-        workdir = Path(tempfile.mkdtemp(prefix="gh-bench-agent-"))
-        prefix = f"bench-{uuid.uuid4().hex[:8]}/"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EMS_AGENT_", "EMS_MQTT_"))}
-        env.update(
-            EMS_AGENT_UNIT_ID="bench-1",
-            EMS_AGENT_CLIENT_ID=f"bench-{uuid.uuid4().hex[:8]}",
-            EMS_AGENT_BROKER_URL=f"mqtt://{broker.host}:{broker.port}",
-            EMS_AGENT_TOPIC_PREFIX=prefix,
-            EMS_AGENT_OUTBOX_PATH=str(workdir / "outbox.sqlite3"),
-            EMS_AGENT_ECG_WFDB_RECORD=str(record),
-            EMS_AGENT_VITALS_NUMERICS_RECORD=str(NUMERICS),
-            EMS_AGENT_NMEA_TCP=f"127.0.0.1:{gps_port}",
-            EMS_AGENT_CREW_SCREEN_PORT="0",
-            EMS_AGENT_LOG_LEVEL="WARNING",
-        )
-        agent = await asyncio.create_subprocess_exec(sys.executable, "-m", "ambulance_agent", env=env, cwd=ROOT)
-        try:
-            agent_fig = await measure(agent, 5.0, seconds)
-        finally:
-            await stop_process(agent)
+
+        async def run_agent(camera: bool) -> ProcessFigures:
+            prefix = f"bench-{uuid.uuid4().hex[:8]}/"
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("EMS_AGENT_", "EMS_MQTT_"))}
+            env.update(
+                EMS_AGENT_UNIT_ID="bench-1",
+                EMS_AGENT_CLIENT_ID=f"bench-{uuid.uuid4().hex[:8]}",
+                EMS_AGENT_BROKER_URL=f"mqtt://{broker.host}:{broker.port}",
+                EMS_AGENT_TOPIC_PREFIX=prefix,
+                EMS_AGENT_OUTBOX_PATH=str(workdir / f"outbox-{prefix[6:14]}.sqlite3"),
+                EMS_AGENT_UNIT_KEY=base64.b64encode(generate_unit_key()).decode(),
+                EMS_AGENT_ECG_WFDB_RECORD=str(record),
+                EMS_AGENT_VITALS_NUMERICS_RECORD=str(NUMERICS),
+                EMS_AGENT_NMEA_TCP=f"127.0.0.1:{gps_port}",
+                EMS_AGENT_CREW_SCREEN_PORT="0",
+                EMS_AGENT_LOG_LEVEL="WARNING",
+            )
+            if camera:
+                env.update(EMS_AGENT_CAMERA=str(clip), EMS_AGENT_VIDEO_FPS="2")
+            agent = await asyncio.create_subprocess_exec(sys.executable, "-m", "ambulance_agent", env=env, cwd=ROOT)
+            try:
+                return await measure(agent, 5.0, seconds)
+            finally:
+                await stop_process(agent)
+
+        agent_fig = await run_agent(camera=True)
+        no_camera_fig = await run_agent(camera=False)
         bare = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ambulance_agent.bench", "--bare-publisher", f"mqtt://{broker.host}:{broker.port}",
             "--record", str(record),
@@ -284,7 +308,10 @@ async def cpu_and_rss(url: str | None, seconds: float) -> None:
             await stop_process(bare)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(record.parent, ignore_errors=True)
-    out(f"   agent: CPU {agent_fig.cpu_pct:.1f} % of one core, RSS {agent_fig.rss_mb:.0f} MB")
+    out(f"   agent with the 2 fps camera: CPU {agent_fig.cpu_pct:.1f} % of one core, RSS {agent_fig.rss_mb:.0f} MB")
+    out(f"   the same agent without a camera: CPU {no_camera_fig.cpu_pct:.1f} %, RSS {no_camera_fig.rss_mb:.0f} MB"
+        f" (camera costs {agent_fig.cpu_pct - no_camera_fig.cpu_pct:.1f} % CPU,"
+        f" {agent_fig.rss_mb - no_camera_fig.rss_mb:.0f} MB)")  # fmt: skip
     out(f"   baseline, bare aiomqtt publisher of the same ECG chunks: CPU {bare_fig.cpu_pct:.1f} %,"
         f" RSS {bare_fig.rss_mb:.0f} MB")  # fmt: skip
     out(f"   ratios agent/baseline: CPU {agent_fig.cpu_pct / max(bare_fig.cpu_pct, 0.01):.2f},"
@@ -398,7 +425,7 @@ async def link_run(
                     arrived.clear()
                     await arrived.wait()
             assert alert_sent is not None
-            behind = agent.outbox.peek_seq(Stream.ECG) - len(ecg_seen)
+            behind = agent.outbox.peek_seq(Stream.ECG) - agent.outbox.first_seq - len(ecg_seen)
             up = proxy.counters.up_bytes * 8 / 1000 / (time.monotonic() - start)
         finally:
             agent.stop()

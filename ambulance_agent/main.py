@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 from ambulance_agent.app import Agent
 from ambulance_agent.settings import AgentSettings
-from ambulance_agent.sources.base import EcgSource, GpsSource, VitalsSource
+from ambulance_agent.sources.base import EcgSource, GpsSource, Source, VitalsSource
 from ambulance_agent.sources.ecg import WfdbEcgReplay
 from ambulance_agent.sources.monitor import Hl7MonitorSource
 from ambulance_agent.sources.nmea import NmeaGpsSource, parse_host_port
 from ambulance_agent.sources.vitals import NumericsVitalsReplay
+from ambulance_agent.video import CameraFrame
 from broker_config import TopicSpace
 
 __all__ = ["Built", "build", "serve"]
@@ -65,9 +66,13 @@ def build(settings: AgentSettings) -> Built:
         gps = NmeaGpsSource(tcp=parse_host_port(settings.nmea_tcp), baud=settings.nmea_baud)
     elif settings.nmea_device is not None:
         gps = NmeaGpsSource(device=settings.nmea_device, baud=settings.nmea_baud)
-    video = None
-    if settings.video_fps > 0:
-        from ambulance_agent.video import SyntheticCamera  # a test pattern: no camera driver is wired yet
+    video: Source[CameraFrame] | None = None
+    if settings.camera:
+        from ambulance_agent.sources.camera import AvCameraSource  # FFmpeg (PyAV) only when a camera is configured
+
+        video = AvCameraSource(settings.camera, camera_id=f"{settings.unit_id}-cam", fps=settings.video_fps or 2.0)
+    elif settings.video_fps > 0:
+        from ambulance_agent.video import SyntheticCamera  # a test pattern
 
         video = SyntheticCamera(settings.video_fps)
     agent = Agent(
@@ -86,6 +91,7 @@ def build(settings: AgentSettings) -> Built:
         bandwidth_max_bps=settings.bandwidth_max_bps,
         video=video,
         video_fps=settings.video_fps or 2.0,
+        cipher=settings.cipher(),
     )
     if monitor is not None:
         agent.monitor_alarms = monitor.alarms

@@ -9,23 +9,38 @@ Sources (at most one of each kind):
   ``ECG_CHANNELS`` (comma separated lead names) and ``ECG_RESAMPLE_HZ``;
 * vitals: ``EMS_AGENT_MLLP_PORT`` (HL7 v2 monitor over MLLP, PCD-01/PCD-04) or ``EMS_AGENT_VITALS_NUMERICS_RECORD``;
 * GPS: ``EMS_AGENT_NMEA_TCP`` (``host:port``) or ``EMS_AGENT_NMEA_DEVICE`` (``/dev/ttyUSB0``, read as a stream).
+* camera: ``EMS_AGENT_CAMERA`` (a file, an ``rtsp://``/``http://`` stream or ``/dev/videoN``) at ``VIDEO_FPS``.
 
 Unsafe values are refused at start-up: an MLLP listener on a non-loopback address needs
 ``EMS_AGENT_MLLP_ALLOW_REMOTE=true`` (the in-vehicle LAN only, never a public interface); the crew screen is always
 bound to 127.0.0.1.
+
+Encryption at rest: the outbox is sealed with the unit's AES-256-GCM key (:mod:`ambulance_agent.crypto`), read from
+``EMS_AGENT_UNIT_KEY_FILE`` (32 raw bytes or their base64, owner-only permissions: ``chmod 600``) or
+``EMS_AGENT_UNIT_KEY`` (base64); retired keys still needed to open older rows (rotation) in
+``EMS_AGENT_PREVIOUS_UNIT_KEY_FILES`` (comma separated).  Outside development (``EMS_SECURITY_MODE``, shared with the
+other services) the agent refuses to start without a key; in development it generates one next to the outbox
+(``unit.key``, mode 600) and warns.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import logging
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ambulance_agent.crypto import CryptoError, UnitCipher, development_unit_key, load_unit_key
 from ambulance_agent.sources.nmea import parse_host_port
 from broker_config import BrokerSettings, valid_id
+from broker_config.identity import SecurityMode
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AgentSettings"]
 
@@ -43,6 +58,15 @@ class AgentSettings(BaseSettings):
 
     outbox_path: Path = Path("goldenhour-agent") / "outbox.sqlite3"
     outbox_max_bytes: Annotated[int, Field(ge=1_048_576)] = 64 * 1024 * 1024
+    security_mode: SecurityMode = Field(
+        SecurityMode.PRODUCTION, validation_alias=AliasChoices("security_mode", "EMS_SECURITY_MODE")
+    )
+    unit_key_file: Path | None = None
+    """The unit's 256-bit outbox key (owner-only file); or ``unit_key``.  Never stored in the outbox."""
+    unit_key: SecretStr | None = None
+    """The unit's key as base64 (an environment secret); or ``unit_key_file``."""
+    previous_unit_key_files: Annotated[tuple[Path, ...], NoDecode] = ()
+    """Retired keys, still accepted to open (and re-seal) older outbox rows."""
 
     ecg_wfdb_record: Path | None = None
     ecg_channels: Annotated[tuple[str, ...], NoDecode] = ()
@@ -65,8 +89,11 @@ class AgentSettings(BaseSettings):
     """Uplink budget in bit/s.  Unset: measured (adapts to the queueing delay of PUBACKs)."""
     bandwidth_max_bps: Annotated[int, Field(ge=8_000)] = 10_000_000
     video_fps: Annotated[float, Field(ge=0, le=30)] = 0.0
-    """Camera frames per second at most (0 = no video); frames are sent only with spare bandwidth.  Only a test-pattern
-    camera exists so far (ambulance_agent.video.SyntheticCamera): a V4L2/OpenCV capture source is still to write."""
+    """Camera frames per second at most (0 = no video; 2 when ``camera`` is set); frames are sent only with spare
+    bandwidth.  Without ``camera``, a value > 0 sends a test pattern (ambulance_agent.video.SyntheticCamera)."""
+    camera: str | None = None
+    """``EMS_AGENT_CAMERA``: what FFmpeg opens (ambulance_agent.sources.camera): a file, ``rtsp://``/``http://``
+    stream or V4L2 device ``/dev/videoN``.  Unset: no camera (FFmpeg is then never loaded)."""
 
     crew_screen_port: Annotated[int, Field(ge=0, le=65535)] | None = 8080
     """The crew screen on http://127.0.0.1:{port}/ (None = no screen)."""
@@ -83,6 +110,13 @@ class AgentSettings(BaseSettings):
     def _off(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
             return None
+        return value
+
+    @field_validator("previous_unit_key_files", mode="before")
+    @classmethod
+    def _key_files(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(Path(p.strip()) for p in value.split(",") if p.strip())
         return value
 
     @field_validator("ecg_channels", mode="before")
@@ -124,7 +158,50 @@ class AgentSettings(BaseSettings):
             raise ValueError("ecg_channels needs ecg_wfdb_record")
         if self.bandwidth_bps is not None and self.bandwidth_bps > self.bandwidth_max_bps:
             raise ValueError("bandwidth_bps exceeds bandwidth_max_bps")
+        if self.unit_key_file is not None and self.unit_key is not None:
+            raise ValueError("choose one unit key: unit_key_file or unit_key")
+        if self.security_mode is SecurityMode.PRODUCTION and self.unit_key_file is None and self.unit_key is None:
+            raise ValueError("a unit key is required outside development (EMS_AGENT_UNIT_KEY_FILE or _UNIT_KEY)")
+        self._keys()  # unreadable, too open or malformed keys fail the start, not the first write
         return self
+
+    def _keys(self) -> tuple[bytes | None, tuple[bytes, ...]]:
+        def from_file(path: Path) -> bytes:
+            try:
+                return load_unit_key(path)
+            except CryptoError as exc:
+                raise ValueError(f"unit key file {path.name}: {exc.reason}") from None
+            except OSError as exc:
+                raise ValueError(f"unit key file {path.name} cannot be read ({type(exc).__name__})") from None
+
+        current: bytes | None = None
+        if self.unit_key_file is not None:
+            current = from_file(self.unit_key_file)
+        elif self.unit_key is not None:
+            text = self.unit_key.get_secret_value().strip()
+            try:
+                current = base64.urlsafe_b64decode(text.replace("+", "-").replace("/", "_") + "=" * (-len(text) % 4))
+            except (ValueError, binascii.Error):
+                raise ValueError("unit_key must be base64 of 32 bytes") from None
+            if len(current) != 32:
+                raise ValueError("unit_key must be base64 of 32 bytes")
+        return current, tuple(from_file(p) for p in self.previous_unit_key_files)
+
+    def cipher(self) -> UnitCipher:
+        """The unit's outbox cipher.  Development without a key: ``unit.key`` beside the outbox, created (mode 600)
+        if missing, with a warning.  Raises ValueError for an unusable key (see the module docstring)."""
+        current, previous = self._keys()
+        if current is None:
+            if self.security_mode is not SecurityMode.DEVELOPMENT:
+                raise ValueError("a unit key is required outside development")
+            path = self.outbox_path.parent / "unit.key"
+            if not path.exists():
+                logger.warning("development mode: generating a unit key beside the outbox (%s)", path.name)
+            try:
+                current = development_unit_key(path)
+            except CryptoError as exc:
+                raise ValueError(f"unit key file {path.name}: {exc.reason}") from None
+        return UnitCipher(self.unit_id, current, previous)
 
     def broker(self) -> BrokerSettings:
         """The broker settings: from ``broker_url`` or the ``EMS_MQTT_*`` environment."""

@@ -22,8 +22,10 @@ A frame is only sent when nothing else is waiting and the bandwidth budget has r
 come from :func:`choose_rendition` for the bytes per frame the spare budget allows.  A camera that delivers faster
 than frames can go is simply sampled: only the newest frame is kept (no queue).
 
-Pillow encodes the JPEGs (``Pillow`` is on PyPI and installed here; OpenCV is not needed for JPEG).  A real camera
-source would yield frames the same way (:class:`SyntheticCamera` stands in for it in tests and benchmarks).
+Pillow encodes the JPEGs (``Pillow`` is on PyPI and installed here; OpenCV is not needed for JPEG).  The real camera
+source is :class:`ambulance_agent.sources.camera.AvCameraSource` (PyAV: a file, an RTSP/HTTP stream, a V4L2 device);
+:class:`SyntheticCamera` is a test pattern, and :func:`write_test_clip` turns it into a real H.264 file for tests and
+the benchmark.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -51,6 +54,7 @@ __all__ = [
     "choose_rendition",
     "decode_video_frame",
     "encode_video_frame",
+    "write_test_clip",
 ]
 
 VIDEO_MAGIC = b"GHV1"
@@ -190,3 +194,32 @@ class SyntheticCamera:
             await asyncio.sleep(max(0.0, delay))
             yield CameraFrame(await asyncio.to_thread(self.picture, k), self._clock())
             k += 1
+
+
+def write_test_clip(
+    path: Path, *, seconds: float = 4.0, fps: int = 10, size: tuple[int, int] = (640, 480), container: str | None = None
+) -> Path:
+    """Write :class:`SyntheticCamera`'s pictures as an H.264 video file with PyAV (libx264, yuv420p).
+
+    Args:
+        path: the file; its suffix chooses the container (``.mp4``, ``.ts``, ``.mkv``) unless ``container`` is given.
+        seconds, fps, size: length, frame rate and picture size (width and height even).
+
+    Returns:
+        ``path``.
+    """
+    import av  # only tests and the benchmark write clips
+
+    camera = SyntheticCamera(float(fps), size=size)
+    with av.open(str(path), mode="w", format=container) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "veryfast", "g": str(2 * fps)}
+        for k in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_image(camera.picture(k))
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path

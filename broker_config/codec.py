@@ -11,7 +11,8 @@ ECG chunks (``GHE1`` binary layout, little-endian)
     ====== ===== ==================================================================================
     0      4     magic ``b"GHE1"``
     4      1     schema_version (1)
-    5      1     flags: bit 0 historical, bit 1 lead-off reported, bits 4-7 sample encoding
+    5      1     flags: bit 0 historical, bit 1 lead-off reported, bit 2 limb-lead residuals, bits 4-7 sample
+                 encoding
     6      1     n_leads (1-16)
     7      1     length U of unit_id (1-32)
     8      8     seq (uint64)
@@ -30,6 +31,14 @@ ECG chunks (``GHE1`` binary layout, little-endian)
                      modulo 2**16 (so it always fits int16 and the running sum restores every value), the
                      low bytes of all deltas then the high bytes (byte planes), compressed with zlib.
     ====== ===== ==================================================================================
+
+Limb-lead residuals (flag bit 2, optional, off by default; chunks without it decode as before): in a chunk with
+leads I and II (names case-insensitive), leads III, aVR, aVL and aVF are sent as their difference from what
+Einthoven's and Goldberger's relations predict from I and II (III = II - I, aVR = -(I + II)/2, aVL = I - II/2,
+aVF = II - I/2; Goldberger, Am Heart J 1942), computed on the ADC integers about ``baseline_adc`` with floor
+division, the difference taken modulo 2**16 so it always fits int16.  A monitor that derives those leads leaves
+residuals of rounding noise, which compress to little; any other input still decodes exactly (the decoder adds the
+same prediction back, modulo 2**16).  Applied to the samples before the sample encoding.
 
 Samples must fit in int16 (every ECG ADC in use is 16 bits or fewer: MIT-BIH 11 bits, PTB 16 bits).
 Decompression is bounded by the declared sample count, so a small packet cannot inflate into a large one.
@@ -127,6 +136,9 @@ MAX_ECG_SAMPLES_PER_CHUNK = 16 * 10 * 1_000
 inflate to in memory and on disk (a 2 kB packet of zeros must not become megabytes)."""
 _HEAD = struct.Struct("<4sBBBBQqqddiIH")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LIMB_RESIDUALS = 4
+"""Flag bit 2: leads III, aVR, aVL, aVF are residuals from I and II (see the module docstring)."""
+_DERIVED = ("iii", "avr", "avl", "avf")
 
 
 class EcgEncoding:
@@ -178,8 +190,15 @@ def _check_owner(topic: str, parsed: ParsedTopic, model: BaseModel) -> None:
 # --- public API --------------------------------------------------------------------------------------------------
 
 
-def encode(stream: Stream, message: BaseModel, *, ecg_encoding: int = EcgEncoding.DELTA_ZLIB) -> bytes:
-    """Serialise ``message`` for ``stream``.  ECG chunks use the GHE1 layout, everything else JSON.
+def encode(
+    stream: Stream,
+    message: BaseModel,
+    *,
+    ecg_encoding: int = EcgEncoding.DELTA_ZLIB,
+    ecg_limb_residuals: bool = False,
+) -> bytes:
+    """Serialise ``message`` for ``stream``.  ECG chunks use the GHE1 layout (``ecg_limb_residuals``: see
+    :func:`encode_ecg`), everything else JSON.
 
     Raises:
         PayloadError: the message is not of the stream's model, or is too large for the stream.
@@ -190,7 +209,7 @@ def encode(stream: Stream, message: BaseModel, *, ecg_encoding: int = EcgEncodin
             stream.value, f"{type(message).__name__} is not the model of stream {stream.value}", RejectKind.WRONG_MODEL
         )
     if isinstance(message, EcgChunk):
-        data = encode_ecg(message, encoding=ecg_encoding)
+        data = encode_ecg(message, encoding=ecg_encoding, limb_residuals=ecg_limb_residuals)
     else:
         data = message.model_dump_json(exclude_defaults=False).encode()
     limit = STREAMS[stream].max_payload_bytes
@@ -281,13 +300,51 @@ def _decode_json(model_cls: type[BaseModel], payload: bytes, topic: str) -> Base
         raise PayloadError(topic, f"invalid fields: {', '.join(fields)[:200]}", RejectKind.INVALID_FIELDS) from None
 
 
-def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB) -> bytes:
+def _limb_plan(leads: tuple[str, ...] | list[str]) -> tuple[int, int, list[tuple[int, str]]] | None:
+    """(index of I, index of II, [(index, name) of each derivable limb lead]), or None if nothing to derive."""
+    names = [n.lower() for n in leads]
+    if "i" not in names or "ii" not in names:
+        return None
+    derived = [(k, n) for k, n in enumerate(names) if n in _DERIVED]
+    return (names.index("i"), names.index("ii"), derived) if derived else None
+
+
+def _limb_prediction(name: str, lead_i: np.ndarray, lead_ii: np.ndarray, baseline: int) -> np.ndarray:
+    """The Einthoven/Goldberger prediction of a limb lead from I and II, in ADC integers (int64, floor division)."""
+    a = lead_i.astype(np.int64) - baseline
+    b = lead_ii.astype(np.int64) - baseline
+    if name == "iii":
+        d = b - a
+    elif name == "avr":
+        d = -((a + b) >> 1)
+    elif name == "avl":
+        d = a - (b >> 1)
+    else:  # avf
+        d = b - (a >> 1)
+    return d + baseline
+
+
+def _wrap16(values: np.ndarray) -> np.ndarray:
+    """int64 values modulo 2**16 as int16 (two's complement)."""
+    return (values & 0xFFFF).astype(np.uint16).view(np.int16)
+
+
+def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB, limb_residuals: bool = False) -> bytes:
     """Pack an ECG chunk in the GHE1 binary layout (see the module docstring).
+
+    With ``limb_residuals`` and leads I and II in the chunk, leads III, aVR, aVL and aVF travel as residuals from
+    their Einthoven/Goldberger prediction (flag bit 2; lossless for any input).  Otherwise the flag stays clear.
 
     Raises:
         PayloadError: a sample outside int16, or a lead name or unit id that is not ASCII.
     """
-    flags = (1 if chunk.historical else 0) | (2 if chunk.lead_off else 0) | (encoding << 4)
+    plan = _limb_plan(chunk.leads) if limb_residuals else None
+    flags = (
+        (1 if chunk.historical else 0)
+        | (2 if chunk.lead_off else 0)
+        | (_LIMB_RESIDUALS if plan else 0)
+        | (encoding << 4)
+    )
     mask = sum(1 << i for i, off in enumerate(chunk.lead_off) if off)
     unit = chunk.unit_id.encode("ascii")
     head = _HEAD.pack(
@@ -310,6 +367,12 @@ def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB) -> by
     except UnicodeEncodeError:
         raise PayloadError("ecg", "ECG lead names must be ASCII") from None
     i16 = chunk.samples.astype("<i2", copy=False)
+    if plan is not None:
+        i16 = i16.copy()
+        k_i, k_ii, derived = plan
+        for k, name in derived:
+            predicted = _limb_prediction(name, i16[k_i], i16[k_ii], chunk.baseline_adc)
+            i16[k] = _wrap16(i16[k].astype(np.int64) - predicted)
     if encoding == EcgEncoding.RAW_INT16:
         body = i16.tobytes()
     elif encoding == EcgEncoding.DELTA_ZLIB:
@@ -378,6 +441,15 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
         samples = np.cumsum(delta, axis=1, dtype="<i2")
     else:
         raise PayloadError(topic, f"unknown ECG sample encoding {encoding}")
+    if flags & _LIMB_RESIDUALS:
+        plan = _limb_plan(leads)
+        if plan is None:
+            raise PayloadError(topic, "ECG chunk flags limb-lead residuals but has no leads I and II to derive from")
+        samples = samples.copy()
+        k_i, k_ii, derived = plan
+        for k, lead in derived:
+            predicted = _limb_prediction(lead, samples[k_i], samples[k_ii], baseline)
+            samples[k] = _wrap16(samples[k].astype(np.int64) + predicted)
     lead_off = tuple(bool(mask >> i & 1) for i in range(n_leads)) if flags & 2 else ()
     try:
         return EcgChunk(

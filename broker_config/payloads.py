@@ -73,9 +73,9 @@ class _Model(BaseModel):
 class Envelope(_Model):
     """Fields every message carries.
 
-    ``seq`` counts per (unit, stream) from 0 and never repeats for a unit: it is the idempotency key of
-    the store and the basis of gap detection.  ``historical`` marks store-and-forward replays, which must
-    never fire live alarms (Sparkplug B's idea).
+    ``seq`` counts up per (unit, stream) and never repeats for a unit (a new outbox starts at the wall clock in
+    microseconds since the epoch, not 0): it is the idempotency key of the store and the basis of gap detection.
+    ``historical`` marks store-and-forward replays, which must never fire live alarms (Sparkplug B's idea).
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -394,9 +394,14 @@ class StoreReceipt(Envelope):
 
 
 class GapRecord(Envelope):
-    """The store saw sequence numbers ``from_seq``..``to_seq`` (inclusive) of a unit's stream missing."""
+    """The store saw sequence numbers ``from_seq``..``to_seq`` (inclusive) of a unit's stream missing.
+
+    ``restart`` (optional, default false): the jump was a sequence restart (a new outbox seeded from the clock), so
+    the loss is unknown and the range is not a count of missing messages.
+    """
 
     stream: str
     from_seq: Annotated[int, Field(ge=0)]
     to_seq: Annotated[int, Field(ge=0)]
     detected_at: UtcDatetime
+    restart: bool = False

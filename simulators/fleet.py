@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ambulance_agent.app import Agent
+from ambulance_agent.crypto import UnitCipher, development_unit_key
 from ambulance_agent.sources.base import GpsReading
 from ambulance_agent.sources.ecg import WfdbEcgReplay
 from ambulance_agent.sources.gps import RouteGpsReplay
@@ -124,6 +125,8 @@ def build_unit(
         gps=gps,
         on_notice=on_notice,
         client_id=f"agent-{plan.unit_id}{client_suffix}",
+        # the outbox is sealed as on a real vehicle; the simulated unit's key lives beside it (development only)
+        cipher=UnitCipher(plan.unit_id, development_unit_key(state_dir / f"{plan.unit_id}.key")),
     )
     unit = SimulatedUnit(plan, agent, gps)
     holder.append(unit)

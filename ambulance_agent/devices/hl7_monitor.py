@@ -45,6 +45,7 @@ from ambulance_agent.devices.hl7_message import (
     parse_message,
 )
 from broker_config import VITAL_CODES, Priority, Vitals, utc_now
+from broker_config.topics import loggable
 
 __all__ = [
     "FIELD_RANGES",
@@ -781,7 +782,10 @@ class Hl7MonitorInput:
         header = parsed.header
         if header.message_code == "ACK":
             self.rejects.record(Hl7Reason.UNSUPPORTED_MESSAGE)
-            logger.info("hl7: ignored an incoming ACK (control id %s); an ACK is never acknowledged", header.control_id)
+            logger.info(
+                "hl7: ignored an incoming ACK (control id %s); an ACK is never acknowledged",
+                loggable(header.control_id, 64),
+            )
             return HandleOutcome(
                 ack=None, ack_code=None, reason=Hl7Reason.UNSUPPORTED_MESSAGE, control_id=header.control_id
             )
@@ -794,9 +798,13 @@ class Hl7MonitorInput:
             if seen[0] == digest:
                 self.duplicates += 1
                 self._seen.move_to_end(key)
-                logger.info("hl7: duplicate of control id %s answered again, not re-processed", header.control_id)
+                logger.info(
+                    "hl7: duplicate of control id %s answered again, not re-processed", loggable(header.control_id, 64)
+                )
                 return HandleOutcome(ack=seen[1], ack_code=seen[2], duplicate=True, control_id=header.control_id)
-            logger.warning("hl7: control id %s reused with different content; processing it", header.control_id)
+            logger.warning(
+                "hl7: control id %s reused with different content; processing it", loggable(header.control_id, 64)
+            )
         try:
             report: DeviceReport
             if header.message_code == "ORU" and header.trigger_event == "R01":
@@ -805,9 +813,9 @@ class Hl7MonitorInput:
                     self.obx_rejects.record(rejection.reason)
                     logger.warning(
                         "hl7: control id %s OBX %s (%s) not used: %s",
-                        header.control_id,
-                        rejection.set_id,
-                        rejection.code,
+                        loggable(header.control_id, 64),
+                        loggable(str(rejection.set_id), 16),
+                        loggable(str(rejection.code), 64),
                         rejection.reason.value,
                     )
             elif header.message_code == "ORU" and header.trigger_event == "R40":
@@ -820,7 +828,9 @@ class Hl7MonitorInput:
             try:
                 self.sink(report)
             except Exception as exc:  # noqa: BLE001 - error boundary: a failing consumer must not kill the input
-                logger.warning("hl7: sink failed for control id %s (%s)", header.control_id, type(exc).__name__)
+                logger.warning(
+                    "hl7: sink failed for control id %s (%s)", loggable(header.control_id, 64), type(exc).__name__
+                )
                 return self._reject(header, Hl7InputError(Hl7Reason.SINK_FAILED, "", header.control_id), now)
         ack = build_ack(header, AckCode.AA, at=now, application=self.application)
         self._seen[key] = (digest, ack, AckCode.AA)
@@ -833,7 +843,7 @@ class Hl7MonitorInput:
     def _reject(self, header: MessageHeader | None, exc: Hl7InputError, now: datetime) -> HandleOutcome:
         self.rejects.record(exc.reason)
         control_id = header.control_id if header else exc.control_id
-        logger.warning("hl7: rejected message (control id %s): %s", control_id or "-", exc.reason.value)
+        logger.warning("hl7: rejected message (control id %s): %s", loggable(control_id or "-", 64), exc.reason.value)
         code = exc.ack_code
         ack = build_ack(header, code, at=now, reason=exc.reason, application=self.application)
         return HandleOutcome(ack=ack, ack_code=code, reason=exc.reason, control_id=control_id)

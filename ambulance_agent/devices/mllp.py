@@ -23,6 +23,7 @@ from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK
 
 from ambulance_agent.devices.errors import DeviceInputError, RejectTally
 from ambulance_agent.devices.hl7_message import AckCode, Hl7InputError, normalise_segments, parse_message, read_ack
+from broker_config.topics import loggable
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -362,12 +363,20 @@ async def send_mllp(
                 ack_payload, code = await _exchange(host, port, payload, control_id, max_frame_bytes)
         except TimeoutError:
             logger.warning(
-                "mllp: no ACK for %r within %.1f s (attempt %d/%d)", control_id, timeout_s, attempt, attempts
+                "mllp: no ACK for %s within %.1f s (attempt %d/%d)",
+                loggable(control_id, 64),
+                timeout_s,
+                attempt,
+                attempts,
             )
             continue
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
             logger.warning(
-                "mllp: send of %r failed (%s, attempt %d/%d)", control_id, type(exc).__name__, attempt, attempts
+                "mllp: send of %s failed (%s, attempt %d/%d)",
+                loggable(control_id, 64),
+                type(exc).__name__,
+                attempt,
+                attempts,
             )
             continue
         if code in (AckCode.AA, AckCode.CA):

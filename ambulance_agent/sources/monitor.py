@@ -32,6 +32,7 @@ from ambulance_agent.devices.hl7_monitor import (
 from ambulance_agent.devices.mllp import MllpListener
 from ambulance_agent.sources.base import VitalsReading
 from broker_config import Priority, utc_now
+from broker_config.topics import loggable
 
 __all__ = ["ActiveAlarm", "AlarmSummary", "Hl7MonitorSource", "MonitorAlarms", "reading_from_group"]
 
@@ -115,7 +116,10 @@ class MonitorAlarms:
             self.alarms += 1
             self.by_priority[alarm.priority.value if alarm.priority else "none"] += 1
             # which alarm (its event code) says something about the patient: only the priority and kind are logged
-            logger.info("monitor alarm started priority=%s type=%s", alarm.priority_code, alarm.alert_type)
+            logger.info(
+                "monitor alarm started priority=%s type=%s", loggable(str(alarm.priority_code), 16),
+                loggable(str(alarm.alert_type), 64),
+            )  # fmt: skip
         previous = self._active.pop(key, None)
         self._active[key] = ActiveAlarm(
             alert_id=key,
@@ -207,7 +211,9 @@ class Hl7MonitorSource:
             if self._queue.full():
                 self._queue.get_nowait()
                 self.dropped += 1
-                logger.warning("monitor readings piling up: oldest dropped (control id %s)", report.control_id)
+                logger.warning(
+                    "monitor readings piling up: oldest dropped (control id %s)", loggable(report.control_id, 64)
+                )
             self._queue.put_nowait(reading)
             self.readings += 1
 

@@ -19,8 +19,9 @@ Transports:
 
 * ``tcp=(host, port)``: a TCP NMEA feed (gpsd's raw port 2947 with ``?WATCH={"raw":1}`` is not spoken; use a
   plain NMEA-over-TCP bridge such as ``gpsd -N``'s NMEA re-export, ``ser2net`` or a receiver's own TCP server);
-* ``device=Path``: a serial device (``/dev/ttyUSB0``, ``/dev/ttyACM0``), a pseudo-terminal or a FIFO, read as a
-  stream without blocking the loop; a TTY is put in raw mode at ``baud``.
+* ``device=Path``: a serial device (``/dev/ttyUSB0``, ``/dev/ttyACM0``) or a pseudo-terminal, opened with pyserial
+  through ``pyserial-asyncio-fast`` (8N1, raw, no flow control, at ``baud``; pyserial discards what was buffered
+  before the open, which the next epoch replaces within a second), or a FIFO, read as a pipe; neither blocks the loop.
 
 Either transport reconnects with capped exponential back-off and jitter after an error or end of stream.
 Logs carry reasons and counts only, never positions.
@@ -32,9 +33,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import termios
+import stat
 import time
-import tty
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -50,14 +50,7 @@ __all__ = ["EpochMerger", "NmeaGpsSource", "parse_host_port"]
 logger = logging.getLogger(__name__)
 
 _MAX_LINE_BYTES = 256
-_BAUD_RATES = {
-    4800: termios.B4800,
-    9600: termios.B9600,
-    19200: termios.B19200,
-    38400: termios.B38400,
-    57600: termios.B57600,
-    115200: termios.B115200,
-}
+_BAUD_RATES = (4800, 9600, 19200, 38400, 57600, 115200)
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
@@ -302,15 +295,22 @@ async def _discard_through_newline(stream: asyncio.StreamReader, consumed: int) 
 
 
 async def _open_device(path: Path, baud: int) -> tuple[asyncio.StreamReader, Callable[[], None]]:
-    """Open a serial device / PTY / FIFO for non-blocking reading as an asyncio stream."""
+    """Open a serial device / PTY (pyserial-asyncio-fast) or a FIFO (a pipe) as an asyncio stream.
+
+    Raises OSError (pyserial's SerialException is one) when the device cannot be opened."""
+    if stat.S_ISFIFO(os.stat(path).st_mode):
+        return await _open_fifo(path)
+    import serial_asyncio_fast
+
+    stream, writer = await serial_asyncio_fast.open_serial_connection(
+        url=str(path), baudrate=baud, limit=_MAX_LINE_BYTES * 4, exclusive=True
+    )
+    return stream, writer.close
+
+
+async def _open_fifo(path: Path) -> tuple[asyncio.StreamReader, Callable[[], None]]:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
-        if os.isatty(fd):
-            tty.setraw(fd, termios.TCSANOW)  # keep what the receiver already sent (checksums judge it)
-            attrs = termios.tcgetattr(fd)
-            attrs[4] = attrs[5] = _BAUD_RATES[baud]  # ispeed, ospeed
-            attrs[2] |= termios.CLOCAL | termios.CREAD  # ignore modem lines, enable the receiver
-            termios.tcsetattr(fd, termios.TCSANOW, attrs)
         fileobj: BinaryIO = os.fdopen(fd, "rb", buffering=0)
     except BaseException:
         os.close(fd)

@@ -17,9 +17,10 @@ from conftest import shared_data
 
 from ambulance_agent.app import Agent
 from ambulance_agent.devices.mllp import send_mllp
+from ambulance_agent.devices.nmea_gps import NmeaGpsReader
 from ambulance_agent.sources.base import GpsReading, VitalsReading
 from ambulance_agent.sources.monitor import Hl7MonitorSource
-from ambulance_agent.sources.nmea import NmeaGpsSource
+from ambulance_agent.sources.nmea import EpochMerger, NmeaGpsSource
 from broker_config import BrokerSettings, GpsFix, Stream, TopicSpace, Vitals, decode
 
 pytestmark = pytest.mark.integration
@@ -170,12 +171,20 @@ async def test_nmea_silence_is_reported_as_no_fix() -> None:
     assert source.silence_reports >= 2
 
 
+async def wait_open(source: NmeaGpsSource) -> None:
+    """pyserial discards what a port buffered before it opened it: a receiver streams on, a test must wait."""
+    async with asyncio.timeout(10):
+        while not source.connected:  # noqa: ASYNC110 - the source has no event for it; bounded by the deadline
+            await asyncio.sleep(0.01)
+
+
 async def test_nmea_from_a_serial_pty_and_a_fifo(tmp_path: Path) -> None:
     lines = log_lines("bu353s4.log")[:12]
     master, slave = os.openpty()
     try:
         source = NmeaGpsSource(device=Path(os.ttyname(slave)), baud=9600, hold_s=0.2)
         reader = asyncio.create_task(take(source, 3))
+        await wait_open(source)
         for line in lines:
             os.write(master, line.replace(b"\n", b"\r\n"))
         readings: list[GpsReading] = await reader
@@ -195,6 +204,40 @@ async def test_nmea_from_a_serial_pty_and_a_fifo(tmp_path: Path) -> None:
     finally:
         os.close(writer)
     assert [r.fix for r in fifo_readings] == [True, True, True]
+
+
+def offline_epochs(data: bytes) -> list[GpsReading]:
+    """The epochs of a log through the same reader and merger without any I/O (the reference)."""
+    reader = NmeaGpsReader(clock=None)  # old logs: no receive-clock check, on either side
+    merger = EpochMerger(hold_s=3600, monotonic=lambda: 0.0)
+    out = [e for line in data.splitlines(keepends=True) if (f := reader.feed(line)) and (e := merger.add(f))]
+    last = merger.flush()
+    return out + ([last] if last else [])
+
+
+@pytest.mark.parametrize("log", ["gps/nmea/bu353s4.log", "gps/nmea/mt3339.log"])
+async def test_a_real_receiver_log_through_a_serial_pty_loses_nothing(log: str) -> None:
+    """A whole real receiver log written into a pseudo-terminal at 9600 baud and read by pyserial-asyncio-fast:
+    every epoch arrives with the positions the log holds."""
+    data = b"".join(ln + b"\r\n" for ln in shared_data(log).read_bytes().splitlines() if ln.startswith(b"$"))
+    expected = offline_epochs(data)
+    assert len(expected) >= 10
+    master, slave = os.openpty()
+    try:
+        source = NmeaGpsSource(
+            device=Path(os.ttyname(slave)), baud=9600, hold_s=2.0, silence_s=30.0, reader=NmeaGpsReader(clock=None)
+        )
+        reader = asyncio.create_task(take(source, len(expected) - 1, timeout_s=60))
+        await wait_open(source)
+        await asyncio.to_thread(os.write, master, data)  # blocks while the PTY buffer is full: off the loop
+        readings: list[GpsReading] = await reader
+    finally:
+        os.close(master)
+        os.close(slave)
+    # the last epoch stays open until the next sentence or hold_s; every earlier one arrived, equal to the reference
+    key = [(r.fix, r.lat_deg, r.lon_deg, r.device_time, r.hdop) for r in readings]
+    assert key == [(r.fix, r.lat_deg, r.lon_deg, r.device_time, r.hdop) for r in expected[: len(readings)]]
+    assert any(r.fix for r in readings)
 
 
 @contextlib.asynccontextmanager

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 
 from ambulance_agent.app import Agent
+from ambulance_agent.crypto import UnitCipher, generate_unit_key
 from ambulance_agent.delivery import DeliveryStage
 from ambulance_agent.faultproxy import FaultProxy
 from ambulance_agent.outbox import Outbox
@@ -51,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECORD_100 = ROOT / "simulators" / "data" / "mitdb" / "100"
 NUMERICS = ROOT / "simulators" / "data" / "mimic2wdb_numerics" / "s25047-2704-05-04-10-44n"
 ROUTE_DEG = [(43.7384, 7.4246), (43.7360, 7.4215), (43.7311, 7.4197), (43.7275, 7.4148)]
+UNIT_KEY = generate_unit_key()
 COUNTED = (Stream.ECG, Stream.VITALS, Stream.GPS, Stream.STATUS, Stream.PREALERT)
 PERSISTENT_BROKER = "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\n"
 
@@ -111,9 +114,10 @@ async def stored(store: Store, unit: str, stream: Stream) -> list[int]:
     return await store.seqs(unit, stream)
 
 
-async def assert_exactly_once(store: Store, unit: str, next_seq: dict[Stream, int]) -> None:
+async def assert_exactly_once(store: Store, unit: str, next_seq: dict[Stream, int], first: int) -> None:
+    """Every seq from the outbox's first (its wall-clock seed) to the next unallocated one, exactly once."""
     for stream, n in next_seq.items():
-        assert await stored(store, unit, stream) == list(range(n)), stream
+        assert await stored(store, unit, stream) == list(range(first, n)), stream
 
 
 async def test_ten_minute_broker_outage_loses_nothing_and_receipts_follow(
@@ -134,6 +138,7 @@ async def test_ten_minute_broker_outage_loses_nothing_and_receipts_follow(
         gps=RouteGpsReplay(ROUTE_DEG, speed_mps=15, pace=pace, stop_s=data_s),
         live_window_s=2.0,
     )
+    s0 = agent.outbox.first_seq  # a new outbox: its counters start at the wall clock in microseconds
     async with running_ingest(store, settings, topic_space) as ingest, running(agent.run()):
         await agent.link.wait_connected(15)
         await wait_async(lambda: _has(store, unit, Stream.ECG, 20), timeout_s=30)
@@ -146,14 +151,17 @@ async def test_ten_minute_broker_outage_loses_nothing_and_receipts_follow(
         await asyncio.to_thread(broker.start)
         # the sources end; the backlog drains; the store says everything is stored
         await wait_condition(
-            lambda: agent.outbox.peek_seq(Stream.ECG) == 720 and agent.outbox.peek_seq(Stream.GPS) == 720,
+            lambda: agent.outbox.peek_seq(Stream.ECG) == s0 + 720 and agent.outbox.peek_seq(Stream.GPS) == s0 + 720,
             timeout_s=60,
         )
         await wait_condition(lambda: agent.link_health().backlog_count == 0, timeout_s=90)
         next_seq = {s: agent.outbox.peek_seq(s) for s in COUNTED}
-        await wait_async(lambda: _complete(store, unit, next_seq), timeout_s=60)
+        await wait_async(lambda: _complete(store, unit, next_seq, s0), timeout_s=60)
         await agent.wait_until(
-            lambda: all(agent.delivery.stored_through.get(s.value, -1) == n - 1 for s, n in next_seq.items()),
+            # through the last seq of every stream that sent any (-1: a stream that sent nothing, e.g. status)
+            lambda: all(
+                agent.delivery.stored_through.get(s.value, -1) == (n - 1 if n > s0 else -1) for s, n in next_seq.items()
+            ),
             timeout_s=20,
         )
         delivery = agent.delivery.prealert(alert_id)
@@ -164,7 +172,7 @@ async def test_ten_minute_broker_outage_loses_nothing_and_receipts_follow(
     assert backlog.backlog_count > 500, "ten minutes of vitals, ECG and GPS waited in the outbox"
     assert backlog.oldest_unsent_age_s is not None
     assert backlog.watchdog_stale, "the watchdog noticed (FF-03)"
-    await assert_exactly_once(store, unit, next_seq)
+    await assert_exactly_once(store, unit, next_seq, s0)
     assert stats.receipts_published >= 2
     samples = await store.ecg_samples(unit)
     record = WfdbEcgReplay(RECORD_100).record_samples()
@@ -177,9 +185,9 @@ async def _has(store: Store, unit: str, stream: Stream, n: int) -> bool:
     return len(await store.seqs(unit, stream)) >= n
 
 
-async def _complete(store: Store, unit: str, next_seq: dict[Stream, int]) -> bool:
+async def _complete(store: Store, unit: str, next_seq: dict[Stream, int], first: int) -> bool:
     for stream, n in next_seq.items():
-        if await store.seqs(unit, stream) != list(range(n)):
+        if await store.seqs(unit, stream) != list(range(first, n)):
             return False
     return True
 
@@ -196,6 +204,7 @@ def agent_env(unit: str, broker: BrokerSettings, space: TopicSpace, outbox: Path
         EMS_AGENT_CREW_SCREEN_PORT="off",
         EMS_AGENT_BANDWIDTH_BPS="off",
         EMS_AGENT_LOG_LEVEL="WARNING",
+        EMS_AGENT_UNIT_KEY=base64.b64encode(UNIT_KEY).decode(),  # the outbox is sealed at rest, as in a vehicle
         **extra,
     )
     return env
@@ -240,12 +249,14 @@ async def test_agent_killed_with_sigkill_and_restarted_loses_nothing(
             killed_session = next(a.seq for a in availability if a.state == "offline")
 
             second = await start_agent_process(env)
-            reader = Outbox(outbox_path)  # read-only use next to the running agent (WAL readers never block)
+            # read-only use next to the running agent (WAL readers never block)
+            reader = Outbox(outbox_path, cipher=UnitCipher(unit, UNIT_KEY))
             try:
 
                 async def drained() -> bool:
                     next_seq = {s: reader.peek_seq(s) for s in (Stream.ECG, Stream.VITALS)}
-                    return next_seq[Stream.ECG] >= 70 and await _complete(store, unit, next_seq)
+                    s0 = reader.first_seq
+                    return next_seq[Stream.ECG] - s0 >= 70 and await _complete(store, unit, next_seq, s0)
 
                 await wait_async(drained, timeout_s=90)
                 second.send_signal(signal.SIGTERM)
@@ -255,13 +266,14 @@ async def test_agent_killed_with_sigkill_and_restarted_loses_nothing(
                 if second.returncode is None:
                     second.kill()
             await wait_condition(lambda: availability[-1].state == "offline", timeout_s=15)
-    after = Outbox(outbox_path)
+    after = Outbox(outbox_path, cipher=UnitCipher(unit, UNIT_KEY))
     next_seq = {s: after.peek_seq(s) for s in (Stream.ECG, Stream.VITALS)}
+    s0 = after.first_seq
     left = after.stats().count
     after.close()
     assert left == 0, "nothing left behind in the outbox"
-    assert next_seq[Stream.ECG] >= 70, "two runs of 60 s of ECG, minus what the kill cut short"
-    await assert_exactly_once(store, unit, next_seq)
+    assert next_seq[Stream.ECG] - s0 >= 70, "two runs of 60 s of ECG, minus what the kill cut short"
+    await assert_exactly_once(store, unit, next_seq, s0)
     sessions = [(a.state, a.seq) for a in availability]
     assert ("offline", killed_session) in sessions, "the will fired for the killed process"
     assert any(state == "online" and seq > killed_session for state, seq in sessions), "a new session after restart"
@@ -304,7 +316,7 @@ async def test_prealert_within_2_s_on_a_64_kbit_link_while_ecg_backs_off(
             alert_id = await agent.prealert(CaseType.STEMI, Findings(age_years=58, ecg_st_elevation=True))
             await wait_condition(lambda: bool(arrivals[Stream.PREALERT]), timeout_s=10)
             latency_s = arrivals[Stream.PREALERT][0][0] - sent_at
-            ecg_backlog = agent.outbox.peek_seq(Stream.ECG) - len(arrivals[Stream.ECG])
+            ecg_backlog = agent.outbox.peek_seq(Stream.ECG) - agent.outbox.first_seq - len(arrivals[Stream.ECG])
             n_ecg = int(data_s)
             await wait_condition(lambda: len({m.seq for _, m in arrivals[Stream.ECG]}) >= n_ecg, timeout_s=120)
         agent.close()
@@ -314,10 +326,44 @@ async def test_prealert_within_2_s_on_a_64_kbit_link_while_ecg_backs_off(
     assert latency_s <= 2.0, f"pre-alert took {latency_s:.2f} s on 64 kbit/s"
     assert ecg_backlog >= 10, "ECG was backing off when the pre-alert went"
     chunks: list[EcgChunk] = [m for _, m in arrivals[Stream.ECG]]
-    assert {c.seq for c in chunks} == set(range(n_ecg)), "ECG caught up, every chunk"
+    s0 = agent.outbox.first_seq
+    assert {c.seq for c in chunks} == set(range(s0, s0 + n_ecg)), "ECG caught up, every chunk"
     assert any(c.historical for c in chunks), "the backlog arrived flagged historical"
     vitals: list[Vitals] = [m for _, m in arrivals[Stream.VITALS]]
     assert vitals
     up_kbit_s = proxy.counters.up_bytes * 8 / 1000
     assert up_kbit_s > 0
     assert utc_now() > prealert.sent_at
+
+
+async def test_a_unit_that_lost_its_outbox_never_has_new_data_dropped_as_duplicates(
+    mqtt_settings: BrokerSettings, topic_space: TopicSpace, store: Store, tmp_path: Path
+) -> None:
+    """The tablet is replaced (outbox and counters gone) and the agent restarts: the new outbox's seqs start above
+    every seq the unit sent before, so the store keeps the new data instead of dropping it as duplicates."""
+    unit = f"amb-{uuid.uuid4().hex[:8]}"
+    outbox_path = tmp_path / "vehicle" / "outbox.db"
+    runs: list[list[int]] = []
+    async with running_ingest(store, mqtt_settings, topic_space):
+        for run in range(2):
+            agent = Agent(
+                unit,
+                mqtt_settings,
+                topic_space,
+                outbox_path=outbox_path,
+                ecg=WfdbEcgReplay(RECORD_100, pace=20.0, stop_s=10.0, start_s=10.0 * run),
+                vitals=None,
+                gps=None,
+            )
+            s0 = agent.outbox.first_seq
+            async with running(agent.run()):
+                await wait_async(lambda: _has(store, unit, Stream.ECG, 10 * (run + 1)), timeout_s=60)  # noqa: B023
+            agent.close()
+            runs.append([s for s in await store.seqs(unit, Stream.ECG) if s >= s0])
+            for leftover in outbox_path.parent.glob("outbox.db*"):
+                leftover.unlink()  # the outbox is lost
+    old, new = runs[0], runs[1]
+    assert len(old) == 10
+    assert len(new) == 10, "the restarted unit's data was stored, not dropped as duplicates"
+    assert min(new) > max(old)
+    assert await store.seqs(unit, Stream.ECG) == old + new

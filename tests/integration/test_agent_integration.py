@@ -218,12 +218,13 @@ async def test_agent_streams_record_100_to_real_mosquitto(
     agent = Agent(
         unit, agent_settings, topic_space, outbox_path=tmp_path / "outbox.db", ecg=ecg, vitals=vitals, gps=gps
     )
+    s0 = agent.outbox.first_seq  # a new outbox: every stream counts from the wall clock in microseconds
     collector = Collector(mqtt_settings, topic_space, unit)
     async with running(collector.run()):
         await collector.link.wait_connected(10)
         async with running(agent.run()):
             # every ECG seq of 60 s of record arrives (3 s of wall time at pace 20)
-            await collector.wait_for(lambda: collector.seqs(Stream.ECG) >= set(range(60)), timeout_s=30)
+            await collector.wait_for(lambda: collector.seqs(Stream.ECG) >= set(range(s0, s0 + 60)), timeout_s=30)
             await agent.set_status(CrewStatus.TRANSPORTING, destination_hospital_id="chpg", incident_id="inc-1")
             await collector.wait_for(lambda: len(collector.of(Stream.STATUS)) == 1, timeout_s=10)
             await wait_condition(lambda: agent.link_health().backlog_count == 0, timeout_s=10)
@@ -244,7 +245,7 @@ async def test_agent_streams_record_100_to_real_mosquitto(
             )
     await proxy.stop()
 
-    chunks: dict[int, EcgChunk] = {c.seq: c for c in collector.of(Stream.ECG)}
+    chunks: dict[int, EcgChunk] = {c.seq - s0: c for c in collector.of(Stream.ECG)}
     record = ecg.record_samples()
     for seq in range(60):
         chunk = chunks[seq]
@@ -308,6 +309,7 @@ async def test_backlog_goes_out_prealert_first_and_notices_reach_the_crew(
             live_window_s=0.5,
             on_notice=notices.append,
         )
+        s0 = agent.outbox.first_seq
         collector = Collector(direct, topic_space, unit)
         async with running(agent.run(), collector.run()):
             await wait_condition(lambda: agent.link_health().backlog_count >= 20, timeout_s=10)
@@ -318,7 +320,7 @@ async def test_backlog_goes_out_prealert_first_and_notices_reach_the_crew(
             assert health.oldest_unsent_age_s is not None
             assert health.oldest_unsent_age_s > 0
             await proxy.start()  # the link comes up
-            await collector.wait_for(lambda: collector.seqs(Stream.ECG) >= set(range(30)), timeout_s=20)
+            await collector.wait_for(lambda: collector.seqs(Stream.ECG) >= set(range(s0, s0 + 30)), timeout_s=20)
 
             # the first message after the birth is the pre-alert, ahead of ECG stored long before it
             ordered = [s for s, _ in collector.messages if s is not Stream.AVAILABILITY]
@@ -330,7 +332,7 @@ async def test_backlog_goes_out_prealert_first_and_notices_reach_the_crew(
             # live chunks (newest first): the board sees the present before the past
             chunks: list[EcgChunk] = collector.of(Stream.ECG)
             backlog = [c.seq for c in chunks if c.historical]
-            assert backlog[0] == 0
+            assert backlog[0] == s0
             assert backlog == sorted(backlog), "the backlog keeps its order"
             live = [c.seq for c in chunks if not c.historical]
             assert live, "live chunks went out too"
@@ -390,6 +392,7 @@ async def test_broker_restart_mid_stream_loses_no_ecg_seq(
     n_chunks = 60
     ecg = WfdbEcgReplay(RECORD_100, chunk_s=1.0, pace=15.0, stop_s=float(n_chunks))
     agent = Agent(unit, settings, topic_space, outbox_path=tmp_path / "outbox.db", ecg=ecg, vitals=None, gps=None)
+    s0 = agent.outbox.first_seq
     collector = Collector(settings, topic_space, unit, persistent=True)
     async with running(collector.run()):
         await collector.link.wait_connected(10)
@@ -400,16 +403,17 @@ async def test_broker_restart_mid_stream_loses_no_ecg_seq(
             await wait_condition(lambda: agent.link_health().backlog_count >= 5, timeout_s=10)
             backlog_during_outage = agent.link_health().backlog_count
             await asyncio.to_thread(broker.start)
-            await collector.wait_for(lambda: collector.seqs(Stream.ECG) >= set(range(n_chunks)), timeout_s=30)
+            await collector.wait_for(lambda: collector.seqs(Stream.ECG) >= set(range(s0, s0 + n_chunks)), timeout_s=30)
             await wait_condition(lambda: agent.link_health().backlog_count == 0, timeout_s=10)
     assert "Error saving" not in broker.log.read_text()  # persistence really worked (FF-02)
     assert backlog_during_outage >= 5
-    assert collector.seqs(Stream.ECG) == set(range(n_chunks))
+    assert collector.seqs(Stream.ECG) == set(range(s0, s0 + n_chunks))
     record = ecg.record_samples()
     for chunk in collector.of(Stream.ECG):
-        np.testing.assert_array_equal(chunk.samples, record[:, chunk.seq * 360 : (chunk.seq + 1) * 360])
+        k = chunk.seq - s0
+        np.testing.assert_array_equal(chunk.samples, record[:, k * 360 : (k + 1) * 360])
     vitals_seqs = collector.seqs(Stream.VITALS)
-    assert vitals_seqs == set(range(max(vitals_seqs) + 1))
+    assert vitals_seqs == set(range(s0, max(vitals_seqs) + 1))
     assert agent.link_health().publish_failures >= 0
     agent.close()
 
@@ -428,8 +432,9 @@ async def test_restarted_agent_continues_its_sequences(topic_space: TopicSpace, 
                 agent = Agent(
                     unit, settings, topic_space, outbox_path=tmp_path / "outbox.db", ecg=ecg, vitals=None, gps=None
                 )
+                s0 = agent.outbox.first_seq  # the same file: the same seed both runs
                 async with running(agent.run()):
-                    expected = set(range(10 * (run + 1)))
+                    expected = set(range(s0, s0 + 10 * (run + 1)))
                     await collector.wait_for(lambda: collector.seqs(Stream.ECG) >= expected, timeout_s=15)  # noqa: B023
                     await wait_condition(lambda: agent.link_health().backlog_count == 0, timeout_s=10)  # noqa: B023
                     agent.stop()
@@ -439,8 +444,8 @@ async def test_restarted_agent_continues_its_sequences(topic_space: TopicSpace, 
                 lambda: [a.state for a in collector.of(Stream.AVAILABILITY)][-1:] == ["offline"], timeout_s=10
             )
     ecg_seqs = sorted(c.seq for c in collector.of(Stream.ECG))
-    assert ecg_seqs == list(range(20))  # no duplicates, no reuse
+    assert ecg_seqs == list(range(s0, s0 + 20))  # no duplicates, no reuse
     sessions = [(a.state, a.seq) for a in collector.of(Stream.AVAILABILITY)]
-    assert ("online", 0) in sessions
-    assert ("online", 1) in sessions
-    assert sessions[-1] == ("offline", 1)  # graceful stop publishes the death itself
+    assert ("online", s0) in sessions
+    assert ("online", s0 + 1) in sessions
+    assert sessions[-1] == ("offline", s0 + 1)  # graceful stop publishes the death itself

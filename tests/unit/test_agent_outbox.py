@@ -23,7 +23,7 @@ def test_order_is_priority_then_insertion(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db")
     for stream in (Stream.GPS, Stream.ECG, Stream.VITALS, Stream.ECG, Stream.STATUS, Stream.PREALERT, Stream.GPS):
         put(box, stream)
-    got = [(m.stream, m.seq) for m in box.pending(100)]
+    got = [(m.stream, m.seq - box.first_seq) for m in box.pending(100)]
     assert got == [
         (Stream.PREALERT, 0),
         (Stream.STATUS, 0),
@@ -42,7 +42,7 @@ def test_order_is_priority_then_insertion(tmp_path: Path) -> None:
 
 
 def test_ack_deletes_once_and_stats_follow(tmp_path: Path) -> None:
-    box = Outbox(tmp_path / "o.db", wall_clock_s=iter(range(1000, 2000)).__next__)
+    box = Outbox(tmp_path / "o.db", wall_clock_s=iter(range(999, 2000)).__next__)  # 999: the counters' seed
     ids = []
     for _ in range(3):
         put(box, Stream.ECG, size=100)
@@ -69,7 +69,7 @@ def test_full_outbox_sheds_oldest_ecg_first_never_alerts_status_or_vitals(tmp_pa
     put(box, Stream.GPS, 100)  # 900 bytes now
     put(box, Stream.ECG, 100)  # 1000: fits exactly
     put(box, Stream.VITALS, 150)  # needs 150 more: the two oldest ECG chunks go
-    remaining = [(m.stream, m.seq) for m in box.pending(100)]
+    remaining = [(m.stream, m.seq - box.first_seq) for m in box.pending(100)]
     assert (Stream.ECG, 0) not in remaining
     assert (Stream.ECG, 1) not in remaining
     assert [s for s in remaining if s[0] is Stream.ECG] == [(Stream.ECG, i) for i in range(2, 6)]
@@ -86,13 +86,14 @@ def test_full_outbox_sheds_oldest_ecg_first_never_alerts_status_or_vitals(tmp_pa
     assert streams.count(Stream.STATUS) == 1
     # a new ECG chunk that cannot fit is itself shed; its seq is consumed (the store reports the gap)
     assert put(box, Stream.ECG, 100) == -1
-    assert box.peek_seq(Stream.ECG) == 7
+    assert box.peek_seq(Stream.ECG) == box.first_seq + 7
 
 
 def test_counters_and_backlog_survive_reopen_and_seq_is_never_reused(tmp_path: Path) -> None:
     path = tmp_path / "agent" / "outbox.db"
     box = Outbox(path)
-    assert [box.next_session() for _ in range(3)] == [0, 1, 2]
+    s0 = box.first_seq
+    assert [box.next_session() for _ in range(3)] == [s0, s0 + 1, s0 + 2]
     for _ in range(4):
         put(box, Stream.ECG)
     put(box, Stream.VITALS)
@@ -102,12 +103,13 @@ def test_counters_and_backlog_survive_reopen_and_seq_is_never_reused(tmp_path: P
     box.close()  # idempotent
 
     again = Outbox(path)
-    assert again.next_session() == 3
-    assert [(m.stream, m.seq) for m in again.pending(10)] == [(Stream.ECG, 1), (Stream.ECG, 2), (Stream.ECG, 3)]
+    assert again.first_seq == s0, "a persisted outbox keeps its counters (and seed)"
+    assert again.next_session() == s0 + 3
+    assert [(m.stream, m.seq - s0) for m in again.pending(10)] == [(Stream.ECG, 1), (Stream.ECG, 2), (Stream.ECG, 3)]
     assert again.stats().count == 3
-    assert put(again, Stream.ECG) == 4
-    assert put(again, Stream.VITALS) == 1
-    assert again.peek_seq(Stream.GPS) == 0
+    assert put(again, Stream.ECG) == s0 + 4
+    assert put(again, Stream.VITALS) == s0 + 1
+    assert again.peek_seq(Stream.GPS) == s0
     # the file is in WAL mode
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -121,7 +123,7 @@ def test_failed_encoding_consumes_no_seq(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError):
         box.put(Stream.VITALS, SPACE.topic(Stream.VITALS, UNIT), boom)
-    assert put(box, Stream.VITALS) == 0
+    assert put(box, Stream.VITALS) == box.first_seq
     with pytest.raises(ValueError):
         box.put(Stream.VIDEO, SPACE.topic(Stream.VIDEO, UNIT), lambda seq: b"x")
 
@@ -142,7 +144,7 @@ def test_concurrent_writers_get_unique_consecutive_seqs(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert sorted(seqs) == list(range(200))
+    assert sorted(seqs) == list(range(box.first_seq, box.first_seq + 200))
 
 
 def test_a_corrupt_file_is_refused_with_an_outbox_error(tmp_path: Path) -> None:
@@ -152,3 +154,41 @@ def test_a_corrupt_file_is_refused_with_an_outbox_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(OutboxError):
         Outbox(path)
+
+
+def test_a_new_outbox_seeds_every_counter_from_the_wall_clock_in_microseconds(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", wall_clock_s=lambda: 1_764_460_800.25)
+    seed = 1_764_460_800_250_000
+    assert box.first_seq == seed < 2**63
+    assert {box.peek_seq(s) for s in (Stream.ECG, Stream.VITALS, Stream.GPS, Stream.PREALERT)} == {seed}
+    assert put(box, Stream.ECG) == seed
+    assert put(box, Stream.ECG) == seed + 1
+    assert box.next_session() == seed, "sessions too: a new birth outranks the lost outbox's last will"
+
+
+def test_a_lost_outbox_never_repeats_a_seq(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    old = [put(box, Stream.ECG) for _ in range(50)] + [put(box, Stream.VITALS)]
+    old_session = box.next_session()
+    box.close()
+    for leftover in tmp_path.glob("o.db*"):
+        leftover.unlink()  # the tablet was replaced: outbox and counters gone
+
+    again = Outbox(path)
+    new_ecg = put(again, Stream.ECG)
+    assert new_ecg > max(old)
+    assert put(again, Stream.VITALS) > max(old)
+    assert again.next_session() > old_session
+
+
+def test_an_outbox_from_before_seeding_continues_its_counters(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        db.execute("INSERT INTO counters VALUES ('ecg', 41), ('__session__', 6)")
+    box = Outbox(path)
+    assert box.first_seq == 0
+    assert put(box, Stream.ECG) == 42
+    assert box.next_session() == 7
+    assert put(box, Stream.VITALS) == 0, "a stream this unit never sent starts where it always did"

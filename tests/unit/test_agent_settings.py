@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from ambulance_agent.crypto import generate_unit_key
 from ambulance_agent.main import build
 from ambulance_agent.settings import AgentSettings
 from ambulance_agent.sources.ecg import WfdbEcgReplay
@@ -15,6 +17,12 @@ from ambulance_agent.sources.nmea import NmeaGpsSource
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD_100 = ROOT / "simulators" / "data" / "mitdb" / "100"
+
+
+@pytest.fixture(autouse=True)
+def unit_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production settings need the unit's outbox key (tests/unit/test_security_outbox_at_rest.py)."""
+    monkeypatch.setenv("EMS_AGENT_UNIT_KEY", base64.b64encode(generate_unit_key()).decode())
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
