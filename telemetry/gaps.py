@@ -9,6 +9,10 @@ Every message of a gap-tracked stream (vitals, ECG, GPS) carries a ``seq`` that 
 * ``seq <= highest`` inside an open range: a late arrival (store-and-forward replay, QoS 1 redelivery after a
   reconnect) that shrinks or splits the range; when a range is empty the gap is filled.
 * anything else at or below ``highest``: a duplicate (or older than the tracked ranges): nothing to report.
+* ``seq > highest + restart_jump`` (or a first seq above ``restart_jump`` with no stored history): a *sequence
+  restart*, not a gap.  A vehicle whose outbox was lost seeds its new counters from the wall clock (microseconds
+  since the epoch) so that it never reuses a seq; the jump then says "unknown loss" rather than naming 10^15
+  missing messages.  It is reported (``Arrival.RESTART``) but opens no range to fill.
 
 Idea from Sparkplug B's per-stream sequence numbers; applied to FF-19 (a broker dropping queued QoS 1 messages
 silently must at least show up as a reported gap).
@@ -23,7 +27,7 @@ from enum import StrEnum
 
 from broker_config import Stream
 
-__all__ = ["Arrival", "GapTracker", "Observation"]
+__all__ = ["DEFAULT_RESTART_JUMP", "Arrival", "GapTracker", "Observation"]
 
 
 class Arrival(StrEnum):
@@ -33,14 +37,21 @@ class Arrival(StrEnum):
     GAP = "gap"
     LATE_FILL = "late_fill"
     DUPLICATE = "duplicate"
+    RESTART = "restart"
+    """A forward jump larger than the tracker's ``restart_jump``: the sender's counters restarted (unknown loss)."""
+
+
+DEFAULT_RESTART_JUMP = 100_000
+"""A forward jump of more seqs than this is a sequence restart, not a gap: at the fastest gap-tracked stream (one
+message a second) it is more than a day of data, while a wall-clock-seeded counter jumps by about 10^15."""
 
 
 @dataclass(frozen=True, slots=True)
 class Observation:
     """Result of :meth:`GapTracker.observe`.
 
-    ``gap`` is the new missing range (inclusive) for ``GAP``; ``gap_closed`` is True for a ``LATE_FILL`` that
-    emptied its range.
+    ``gap`` is the new missing range (inclusive) for ``GAP``, and the skipped range for ``RESTART`` (informative
+    only: it is not tracked as missing); ``gap_closed`` is True for a ``LATE_FILL`` that emptied its range.
     """
 
     arrival: Arrival
@@ -58,13 +69,15 @@ class GapTracker:
     """Tracks the highest seq and open gaps per (unit id, stream).
 
     ``max_open_ranges`` bounds memory per key: beyond it the oldest ranges are forgotten (they stay recorded in
-    the store, where :meth:`telemetry.store.Store.gaps` still reports them).
+    the store, where :meth:`telemetry.store.Store.gaps` still reports them).  ``restart_jump`` is the largest
+    forward jump still reported as a gap (see :data:`DEFAULT_RESTART_JUMP`).
     """
 
-    def __init__(self, *, max_open_ranges: int = 256) -> None:
-        if max_open_ranges < 1:
-            raise ValueError("max_open_ranges must be at least 1")
+    def __init__(self, *, max_open_ranges: int = 256, restart_jump: int = DEFAULT_RESTART_JUMP) -> None:
+        if max_open_ranges < 1 or restart_jump < 1:
+            raise ValueError("max_open_ranges and restart_jump must be at least 1")
         self.max_open_ranges = max_open_ranges
+        self.restart_jump = restart_jump
         self._state: dict[tuple[str, Stream], _KeyState] = {}
 
     def seed(self, max_seq: Mapping[tuple[str, Stream], int]) -> None:
@@ -96,6 +109,8 @@ class GapTracker:
             self._state[key] = state = _KeyState(seq)
             if seq == 0:
                 return Observation(Arrival.IN_ORDER)
+            if seq > self.restart_jump:
+                return Observation(Arrival.RESTART, gap=(0, seq - 1))
             return self._open(state, 0, seq - 1)
         if seq == state.highest + 1:
             state.highest = seq
@@ -103,6 +118,8 @@ class GapTracker:
         if seq > state.highest + 1:
             lo = state.highest + 1
             state.highest = seq
+            if seq - lo > self.restart_jump:
+                return Observation(Arrival.RESTART, gap=(lo, seq - 1))
             return self._open(state, lo, seq - 1)
         return self._fill(state, seq)
 

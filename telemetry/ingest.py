@@ -4,10 +4,13 @@ Shape of the data path (FF-01: the receive loop never waits on the database)::
 
     MqttLink receive loop --on_message: decode + gap check + put_nowait--> bounded asyncio.Queue
         --writer task: batches by count (batch_max) and age (batch_age_s)--> Store.write (retried with back-off)
-        --after each stored batch--> GapRecord messages published on the gap stream
+        --after each stored batch--> GapRecord messages published on the gap stream (own task, bounded)
 
 * Persistent session: fixed client id, clean_session=False, QoS 1 subscriptions (FF-02, FF-19), so a
   disconnect costs latency, not data.  Video is not subscribed: it is a live view and is never stored.
+* ECG into a store that keeps GHE1 bytes (PostgreSQL): the chunk is checked completely but not decoded into samples
+  (:func:`telemetry.ghe1.check_chunk`, which accepts and refuses exactly what the codec does); the store files the
+  bytes as received.
 * Error boundary: a payload the codec refuses (truncated, wrong types, wrong schema version, non-UTF-8, oversized,
   a unit id that does not match the topic) is counted under its reason and logged as one warning line with the
   topic, reason and size only - never the payload, which is health data.  The loop goes on.
@@ -16,7 +19,9 @@ Shape of the data path (FF-01: the receive loop never waits on the database)::
   (WriteError) are retried one message at a time and only the refused ones are dropped and counted.
 * Gap detection on vitals, ECG and GPS (telemetry.gaps): a jump records a GapRecord in the store and publishes it
   on ``space.topic(Stream.GAP, unit_id)``; late arrivals are stored and shrink the gap (Store.gaps reports what is
-  still missing).  Availability, status and pre-alert seqs are not gap-checked (seq semantics differ).
+  still missing).  A forward jump beyond ``telemetry.gaps.DEFAULT_RESTART_JUMP`` is a sequence restart (a new outbox
+  seeded from the clock): recorded and published with ``restart=True`` (unknown loss), not as a range.
+  Availability, status and pre-alert seqs are not gap-checked (seq semantics differ).
 * Delivery receipts: after each committed batch, per unit, the highest seq through which every message of each of
   the unit's streams (pre-alert, status, vitals, ECG, GPS) is durably dealt with (:class:`StoredWatermarks`) is
   published as a retained :class:`broker_config.StoreReceipt` on ``space.topic(Stream.RECEIPT, unit_id)``, at most
@@ -57,9 +62,12 @@ from broker_config import (
     encode,
     utc_now,
 )
+from broker_config.codec import RejectKind
 from broker_config.connection import Backoff, MqttLink, NotConnectedError
+from broker_config.topics import TopicError, loggable
 from telemetry.errors import StoreUnavailableError, WriteError
-from telemetry.gaps import Arrival, GapTracker
+from telemetry.gaps import DEFAULT_RESTART_JUMP, Arrival, GapTracker
+from telemetry.ghe1 import EcgHead, check_chunk
 from telemetry.records import GAP_TRACKED_STREAMS, STORED_STREAMS, WriteResult
 from telemetry.store import Store
 
@@ -75,10 +83,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Item = tuple[ParsedTopic, BaseModel, datetime, bytes | None]
-"""A decoded message, its receive time and, for ECG, the payload bytes (stored as received: already compressed)."""
+Item = tuple[ParsedTopic, BaseModel | EcgHead, datetime, bytes | None]
+"""A decoded message (or, for ECG into a store that files GHE1 bytes, the checked chunk's header), its receive time
+and, for ECG, the payload bytes (stored as received: already compressed)."""
 OnStored = Callable[[Sequence[Item], datetime], None]
 T = TypeVar("T")
+_COLLECT_SLICE_S = 0.02
+"""Longest nap of the writer while a batch fills (adds at most this to a message's latency)."""
 
 
 class RejectReason(StrEnum):
@@ -167,8 +178,10 @@ class StoredWatermarks:
     stored above a hole, bounded by ``max_pending`` per stream (beyond it the highest are forgotten: the watermark
     then stops at them until the ingest restarts)."""
 
-    def __init__(self, max_pending: int = 100_000) -> None:
+    def __init__(self, max_pending: int = 100_000, restart_jump: int = DEFAULT_RESTART_JUMP) -> None:
         self.max_pending = max_pending
+        self.restart_jump = restart_jump
+        """A seq more than this above the watermark is a sequence restart (telemetry.gaps): the watermark jumps."""
         self._through: dict[str, dict[str, int]] = {}
         self._above: dict[tuple[str, str], set[int]] = {}
 
@@ -184,6 +197,12 @@ class StoredWatermarks:
         if seq <= through:
             return False
         key = (unit_id, stream.value)
+        if seq - through - 1 > self.restart_jump:
+            # a new outbox seeded from the clock: what came before it is the old outbox's business
+            through = seq - 1
+            above = self._above.get(key)
+            if above is not None:
+                above.intersection_update(s for s in above if s > seq)
         if seq != through + 1:
             new_stream = stream.value not in streams
             streams[stream.value] = through  # listed (-1 at first) so the receipt shows the stream
@@ -214,7 +233,8 @@ class IngestStats:
     Message counts: ``received`` = every MQTT message; ``rejected`` by :class:`RejectReason`; ``inserted`` and
     ``duplicates`` per stream as reported by the store; ``ignored`` = delivered but not stored (video).
     Gaps: ``gaps_detected`` ranges opened, ``late_fills`` seqs that arrived inside an open range, ``gaps_closed``
-    ranges fully filled.  ``handler_max_s`` is the slowest on_message call (FF-01: must stay in milliseconds).
+    ranges fully filled; ``sequence_restarts`` forward jumps too large to be gaps (telemetry.gaps).
+    ``handler_max_s`` is the slowest on_message call (FF-01: must stay in milliseconds).
     """
 
     received: int = 0
@@ -226,6 +246,7 @@ class IngestStats:
     late_fills: int = 0
     gaps_closed: int = 0
     gaps_published: int = 0
+    sequence_restarts: int = 0
     receipts_published: int = 0
     batches: int = 0
     write_retries: int = 0
@@ -269,6 +290,8 @@ class Ingest:
             message (counted as ``queue_full``; the next message of that stream then shows the gap).
         publish_receipts: publish each unit's retained StoreReceipt (forced off with ``share_group``).
         receipt_interval_s: at most one receipt per unit per this many seconds.
+        gap_publish_timeout_s, gap_publish_budget_s: bounds of publishing gap records (their own task, never the
+            writer): per record (PUBACK), and per round; unpublished records are kept (up to 10,000) and retried.
     """
 
     def __init__(
@@ -293,6 +316,8 @@ class Ingest:
         max_queued_incoming: int = 10_000,
         publish_receipts: bool = True,
         receipt_interval_s: float = 1.0,
+        gap_publish_timeout_s: float = 5.0,
+        gap_publish_budget_s: float = 30.0,
     ) -> None:
         if batch_max < 1 or queue_max < 1 or batch_age_s <= 0 or write_timeout_s <= 0:
             raise ValueError("batch_max, queue_max, batch_age_s and write_timeout_s must be positive")
@@ -312,6 +337,7 @@ class Ingest:
         self.on_stored = on_stored
         self.stats = IngestStats()
         self.link = MqttLink(broker, client_id=client_id, clean_session=False, max_queued_incoming=max_queued_incoming)
+        self._lean_ecg = bool(getattr(store, "files_ghe1", False))
         self.ready = asyncio.Event()
         """Set once the resume state is loaded and the receive loop may start."""
         self._queue: asyncio.Queue[Item] = asyncio.Queue(queue_max)
@@ -320,6 +346,9 @@ class Ingest:
         self._unpublished: deque[GapRecord] = deque(maxlen=10_000)
         self._inflight: list[Item] = []
         self._changed = asyncio.Event()
+        self._gaps_wakeup = asyncio.Event()
+        self.gap_publish_timeout_s = gap_publish_timeout_s
+        self.gap_publish_budget_s = gap_publish_budget_s
         self.publish_receipts = publish_receipts and share_group is None
         self.receipt_interval_s = receipt_interval_s
         self.watermarks = StoredWatermarks()
@@ -342,6 +371,7 @@ class Ingest:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(self._on_connect, self._on_message), name="ingest-mqtt")
                 tg.create_task(self._writer(), name="ingest-writer")
+                tg.create_task(self._gap_publisher(), name="ingest-gaps")
                 if self.publish_receipts:
                     tg.create_task(self._receipt_publisher(), name="ingest-receipts")
                 if not self.detect_gaps and hasattr(self.store, "scan_gaps"):
@@ -368,7 +398,7 @@ class Ingest:
         gaps = await self._with_retry("load open gaps", self.store.gaps)
         for gap in gaps:
             key = (gap.unit_id, gap.stream)
-            if gap.missing > 0 and key in through:
+            if gap.missing > 0 and not gap.restart and key in through:
                 through[key] = min(through[key], gap.from_seq - 1)
         for (unit_id, stream), top in through.items():
             self.watermarks.seed(unit_id, stream, top)
@@ -412,12 +442,18 @@ class Ingest:
         try:
             if not isinstance(payload, bytes | bytearray):
                 raise PayloadError(topic, "payload is not valid JSON (truncated or malformed)")
-            parsed, model = decode(self.space, topic, bytes(payload))
+            parsed, model = self._decode(topic, bytes(payload))
         except PayloadError as exc:
             kind = classify_rejection(exc.reason)
             self.stats.rejected[kind] += 1
             size = len(payload) if isinstance(payload, bytes | bytearray) else 0
-            logger.warning("message rejected topic=%s reason=%s kind=%s bytes=%d", topic, exc.reason, kind, size)
+            logger.warning(
+                "message rejected topic=%s reason=%s kind=%s bytes=%d",
+                loggable(topic),
+                loggable(exc.reason),
+                kind,
+                size,
+            )
             self._notify()
             return
         if parsed.stream not in STORED_STREAMS:
@@ -426,13 +462,35 @@ class Ingest:
         wire = bytes(payload) if parsed.stream is Stream.ECG else None
         if not await self._enqueue((parsed, model, received_at, wire)):
             self.stats.rejected[RejectReason.QUEUE_FULL] += 1
-            logger.warning("message dropped, queue full topic=%s seq=%s", topic, getattr(model, "seq", None))
+            logger.warning(
+                "message dropped, queue full unit=%s stream=%s seq=%s",
+                parsed.owner_id,
+                parsed.stream,
+                getattr(model, "seq", None),
+            )
             self._notify()
             return
         if self.detect_gaps and parsed.stream in GAP_TRACKED_STREAMS:
             await self._track(parsed, model, received_at)
         self._notify()
         self.stats.handler_max_s = max(self.stats.handler_max_s, time.monotonic() - started)
+
+    def _decode(self, topic: str, payload: bytes) -> tuple[ParsedTopic, BaseModel | EcgHead]:
+        """The codec's decode; for ECG into a store that files GHE1 bytes, the lean complete check instead (no
+        samples or model built: telemetry.ghe1).  Raises PayloadError."""
+        if self._lean_ecg:
+            try:
+                parsed = self.space.parse(topic)
+            except TopicError as exc:
+                raise PayloadError(topic, exc.reason, RejectKind.TOPIC) from None
+            if parsed.stream is Stream.ECG:
+                limit = STREAMS[Stream.ECG].max_payload_bytes
+                if len(payload) > limit:
+                    raise PayloadError(
+                        topic, f"payload {len(payload)} B exceeds the {limit} B limit", RejectKind.OVERSIZED
+                    )
+                return parsed, check_chunk(payload, topic=topic, unit_id=parsed.owner_id)
+        return decode(self.space, topic, payload)
 
     async def _enqueue(self, item: Item) -> bool:
         try:
@@ -445,11 +503,12 @@ class Ingest:
                 return False
         return True
 
-    async def _track(self, parsed: ParsedTopic, model: BaseModel, received_at: datetime) -> None:
+    async def _track(self, parsed: ParsedTopic, model: BaseModel | EcgHead, received_at: datetime) -> None:
         unit_id = parsed.owner_id
         seq = int(getattr(model, "seq", 0))
         observed = self._tracker.observe(unit_id, parsed.stream, seq)
-        if observed.arrival is Arrival.GAP and observed.gap is not None:
+        restart = observed.arrival is Arrival.RESTART
+        if (observed.arrival is Arrival.GAP or restart) and observed.gap is not None:
             lo, hi = observed.gap
             gap_seq = self._gap_seq.get(unit_id, -1) + 1
             self._gap_seq[unit_id] = gap_seq
@@ -461,9 +520,16 @@ class Ingest:
                 from_seq=lo,
                 to_seq=hi,
                 detected_at=received_at,
+                restart=restart,
             )
-            self.stats.gaps_detected += 1
-            logger.warning("sequence gap unit=%s stream=%s from_seq=%d to_seq=%d", unit_id, parsed.stream, lo, hi)
+            if restart:
+                self.stats.sequence_restarts += 1
+                logger.warning(
+                    "sequence restart unit=%s stream=%s after_seq=%d new_seq=%d", unit_id, parsed.stream, lo - 1, seq
+                )
+            else:
+                self.stats.gaps_detected += 1
+                logger.warning("sequence gap unit=%s stream=%s from_seq=%d to_seq=%d", unit_id, parsed.stream, lo, hi)
             gap_topic = ParsedTopic(Scope.TELEMETRY, unit_id, Stream.GAP)
             if not await self._enqueue((gap_topic, record, received_at, None)):
                 logger.error("gap record dropped, queue full unit=%s stream=%s", unit_id, parsed.stream)
@@ -482,10 +548,12 @@ class Ingest:
                 self._inflight = batch
                 await self._store_batch(batch)
                 self._inflight = []
-            await self._publish_gaps()
 
     async def _collect(self) -> list[Item]:
-        """The next batch: waits (bounded) for a first message, then up to ``batch_age_s`` for more."""
+        """The next batch: waits (bounded) for a first message, then up to ``batch_age_s`` for more.
+
+        While the batch fills, the writer drains the queue in slices of at most ``_COLLECT_SLICE_S`` instead of
+        waking for every message (one timer per slice, not per message)."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(max(1.0, self.batch_age_s)):
@@ -494,21 +562,16 @@ class Ingest:
             return []
         batch = [first]
         deadline = loop.time() + self.batch_age_s
-        while len(batch) < self.batch_max:
-            try:
-                batch.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
+        while True:
+            while len(batch) < self.batch_max:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(remaining):
-                    batch.append(await self._queue.get())
-            except TimeoutError:
-                break
-        return batch
+            if len(batch) >= self.batch_max or remaining <= 0:
+                return batch
+            await asyncio.sleep(min(remaining, _COLLECT_SLICE_S))
 
     async def _store_batch(self, batch: list[Item]) -> None:
         """Write ``batch`` until it is stored: retry while the store is unavailable; isolate refused messages."""
@@ -546,7 +609,10 @@ class Ingest:
             self._advance_watermarks(batch)
         if self.on_stored is not None:
             self.on_stored(batch, utc_now())
-        self._unpublished.extend(i[1] for i in batch if i[0].stream is Stream.GAP and isinstance(i[1], GapRecord))
+        gaps = [i[1] for i in batch if i[0].stream is Stream.GAP and isinstance(i[1], GapRecord)]
+        if gaps:
+            self._unpublished.extend(gaps)
+            self._gaps_wakeup.set()
         self._notify()
 
     async def _write_retrying(self, batch: list[Item]) -> WriteResult:
@@ -639,7 +705,23 @@ class Ingest:
         self._notify()
         return True
 
+    async def _gap_publisher(self) -> None:
+        """Publish stored gap records in their own task: the writer never waits on the network for them."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._gaps_wakeup.wait()
+            self._gaps_wakeup.clear()
+            await self._publish_gaps()
+
     async def _publish_gaps(self) -> None:
+        """Publish queued gap records, each bounded by ``gap_publish_timeout_s`` and all of them together by
+        ``gap_publish_budget_s``; what is left (link down, budget spent) is kept for the next round."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.gap_publish_budget_s):
+                await self._publish_gaps_unbounded()
+
+    async def _publish_gaps_unbounded(self) -> None:
         while self._unpublished and self.link.connected.is_set():
             record = self._unpublished[0]
             try:
@@ -648,10 +730,11 @@ class Ingest:
                     encode(Stream.GAP, record),
                     qos=STREAMS[Stream.GAP].qos,
                     retain=STREAMS[Stream.GAP].retain,
-                    timeout_s=5,
+                    timeout_s=self.gap_publish_timeout_s,
                 )
             except NotConnectedError:
-                return  # kept; retried after the next batch
+                return  # kept; retried in the next round
+            _reraise_if_cancelling()
             self._unpublished.popleft()
             self.stats.gaps_published += 1
             self._notify()
@@ -668,10 +751,14 @@ class Ingest:
                 logger.warning("gap scan failed (%s); next in %.1f s", type(exc).__name__, self.gap_scan_interval_s)
                 continue
             for record in records or ():
-                self.stats.gaps_detected += 1
+                if record.restart:
+                    self.stats.sequence_restarts += 1
+                else:
+                    self.stats.gaps_detected += 1
                 self.stats.inserted[Stream.GAP] += 1
                 logger.warning(
-                    "sequence gap unit=%s stream=%s from_seq=%d to_seq=%d",
+                    "sequence %s unit=%s stream=%s from_seq=%d to_seq=%d",
+                    "restart" if record.restart else "gap",
                     record.unit_id,
                     record.stream,
                     record.from_seq,
@@ -679,7 +766,7 @@ class Ingest:
                 )
                 self._unpublished.append(record)
             if records:
-                await self._publish_gaps()
+                self._gaps_wakeup.set()
                 self._notify()
 
     async def _drain(self) -> None:

@@ -31,6 +31,8 @@ from pydantic import BaseModel
 from broker_config import VITAL_CODES, EcgChunk, GapRecord, Stream
 from broker_config.codec import EcgEncoding, decode_ecg, encode_ecg
 from telemetry.errors import MigrationError, StoreUnavailableError, WriteError
+from telemetry.gaps import DEFAULT_RESTART_JUMP
+from telemetry.ghe1 import EcgHead, adc_samples
 from telemetry.migrate import load_migrations
 from telemetry.records import (
     GAP_TRACKED_STREAMS,
@@ -40,7 +42,7 @@ from telemetry.records import (
     IngestState,
     LatestVitals,
     VitalsBin,
-    VitalValue,
+    VitalsByCode,
     WriteResult,
 )
 from telemetry.rows import TABLES, Row, TableSpec, as_utc, group_rows
@@ -111,7 +113,7 @@ class RetentionRule:
     premake: timedelta
 
 
-def _partition_time(model: BaseModel, stream: Stream) -> datetime:
+def _partition_time(model: BaseModel | EcgHead, stream: Stream) -> datetime:
     value = getattr(model, _PARTITION_TIME[stream])
     if not isinstance(value, datetime):
         raise TypeError(f"{type(model).__name__} has no {_PARTITION_TIME[stream]}")
@@ -123,14 +125,18 @@ def _bin_start(at: datetime, width: timedelta) -> datetime:
     return _ORIGIN + ((at - _ORIGIN) // width) * width
 
 
-def _ghe1(model: EcgChunk, wire: bytes | None) -> bytes:
+def _ghe1(model: EcgChunk | EcgHead, wire: bytes | None) -> bytes:
     """The chunk as GHE1 with delta-zlib samples: the payload as received when it already is that, else re-encoded."""
     if wire is not None and len(wire) > 5 and wire[:4] == b"GHE1" and wire[5] >> 4 == EcgEncoding.DELTA_ZLIB:
         return wire
+    if isinstance(model, EcgHead):  # a checked raw-int16 chunk: its samples are in the wire bytes
+        if wire is None:
+            raise ValueError("a checked ECG chunk needs its GHE1 bytes")
+        model = decode_ecg(wire, topic="store")
     return encode_ecg(model, encoding=EcgEncoding.DELTA_ZLIB)
 
 
-def _ecg_row(model: EcgChunk, received_at: datetime, wire: bytes | None) -> Row:
+def _ecg_row(model: EcgChunk | EcgHead, received_at: datetime, wire: bytes | None) -> Row:
     return (
         model.unit_id,
         model.seq,
@@ -155,7 +161,7 @@ def _stored_adc(samples: bytes | None, ghe1: bytes | None) -> bytes:
         return bytes(samples)
     if ghe1 is None:
         raise ValueError("stored ECG chunk without samples")
-    return decode_ecg(bytes(ghe1), topic="store").samples.astype("<i2", copy=False).tobytes()
+    return adc_samples(bytes(ghe1)).astype("<i2", copy=False).tobytes()
 
 
 _FIELD_BY_LOINC = {c.loinc: c.field for c in VITAL_CODES}
@@ -243,15 +249,46 @@ _UPSERT_LATEST = (
 )
 
 
+_NEW_VITALS_MESSAGE = sql.SQL(
+    "WHERE NOT EXISTS (SELECT 1 FROM stream_head h WHERE h.unit_id = s.unit_id AND h.stream = 'vitals'"
+    " AND h.max_seq >= s.seq AND EXISTS (SELECT 1 FROM vitals v WHERE v.unit_id = s.unit_id AND v.seq = s.seq))"
+)
+"""Vitals idempotency is per message: rows of a (unit, seq) already stored are a no-op as a whole, so a replay with
+other fields never merges new codes into the stored message.  Only a seq at or below the unit's stored head (a
+duplicate or a late fill: rare) costs the lookup across partitions."""
+
+
+def _first_per_key(messages: list[list[Row]], result: WriteResult) -> list[list[Row]]:
+    """Vitals messages of a batch with the first of each (unit, seq) kept; the others are counted as duplicates."""
+    seen: set[tuple[object, object]] = set()
+    kept: list[list[Row]] = []
+    for rows in messages:
+        key = (rows[0][0], rows[0][1])
+        if key in seen:
+            result.duplicates[Stream.VITALS] += 1
+            continue
+        seen.add(key)
+        kept.append(rows)
+    return kept
+
+
 class PostgresStore:
     """The telemetry store on PostgreSQL 15+ (stock; TimescaleDB not required).  Build it with
     :func:`telemetry.store.open_store`.
 
     Two sessions: one for writes, one for queries, so a long write does not hold up a board's query.
-    ``timeout_s`` bounds each connection attempt.
+    ``timeout_s`` bounds each connection attempt; ``restart_jump`` is the gap scan's sequence-restart bound.
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 10.0, clock: Any = None) -> None:
+    files_ghe1 = True
+    """ECG is kept as the GHE1 message: the ingest may hand over a checked :class:`telemetry.ghe1.EcgHead` with the
+    payload bytes instead of a decoded :class:`broker_config.EcgChunk`."""
+
+    def __init__(
+        self, url: str, *, timeout_s: float = 10.0, clock: Any = None, restart_jump: int = DEFAULT_RESTART_JUMP
+    ) -> None:
+        self.restart_jump = restart_jump
+        """A forward seq jump above this is a sequence restart in :meth:`scan_gaps` (telemetry.gaps)."""
         self._conninfo = utc_conninfo(url)
         self._writer = _Session(self._conninfo, timeout_s)
         self._reader = _Session(self._conninfo, timeout_s)
@@ -352,13 +389,15 @@ class PostgresStore:
                     result.future[parsed.stream] += 1
                     continue
                 needed.add((rule.table, _bin_start(at, rule.partition_width)))
-            if parsed.stream is Stream.ECG and isinstance(model, EcgChunk):
+            if parsed.stream is Stream.ECG and isinstance(model, EcgChunk | EcgHead):
                 wire = item[3] if len(item) > 3 else None
                 ecg.append([_ecg_row(model, item[2], wire)])
             else:
                 kept.append(item)
         grouped, ignored = group_rows(kept)
         result.ignored.update(ignored)
+        if Stream.VITALS in grouped:
+            grouped[Stream.VITALS] = _first_per_key(grouped[Stream.VITALS], result)
         if ecg:
             grouped[Stream.ECG] = ecg
         if not grouped:
@@ -419,11 +458,12 @@ class PostgresStore:
             for rows in messages:
                 for row in rows:
                     await copy.write_row([_adapt(v) for v in row])
-        insert = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING RETURNING {}").format(
+        insert = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} s {} ON CONFLICT DO NOTHING RETURNING {}").format(
             sql.Identifier(spec.name),
             columns,
             columns,
             _stage(spec),
+            _NEW_VITALS_MESSAGE if spec.stream is Stream.VITALS else sql.SQL(""),
             sql.SQL(", ").join(sql.Identifier(c) for c in spec.key),
         )
         await cur.execute(insert)
@@ -454,20 +494,17 @@ class PostgresStore:
             return await cur.fetchall()
 
     async def latest_vitals(self) -> dict[str, LatestVitals]:
-        """Per unit: the latest value of each vital code (from ``vitals_latest``, kept by every write)."""
+        """Per unit: the latest value of each vital code (from ``vitals_latest``, kept by every write).
+
+        One row per unit with the codes as parallel arrays (the server groups; each unit's
+        :class:`telemetry.records.VitalsByCode` builds its values when first read).
+        """
         rows = await self._fetch(
-            "SELECT unit_id, seq, loinc, mdc_code, ucum, value, measured_at, historical FROM vitals_latest",
+            "SELECT unit_id, array_agg(loinc), array_agg(mdc_code), array_agg(ucum), array_agg(value),"
+            " array_agg(measured_at), array_agg(seq), array_agg(historical) FROM vitals_latest GROUP BY unit_id",
             binary=True,
         )
-        out: dict[str, LatestVitals] = {}
-        for unit_id, seq, loinc, mdc, ucum, value, measured_at, historical in rows:
-            latest = out.get(unit_id)
-            if latest is None:
-                out[unit_id] = latest = LatestVitals(unit_id, {})
-            latest.values[loinc] = VitalValue(
-                _FIELD_BY_LOINC.get(loinc, loinc), loinc, mdc, ucum, value, measured_at, seq, historical
-            )
-        return out
+        return {row[0]: LatestVitals(row[0], VitalsByCode(row[1:], _FIELD_BY_LOINC)) for row in rows}
 
     async def ecg_window(self, unit_id: str, seconds: float) -> EcgWindow | None:
         """The unit's last ``seconds`` of ECG; see :func:`telemetry.store.assemble_window`.
@@ -542,11 +579,14 @@ class PostgresStore:
         )
         query = sql.SQL(
             "SELECT g.unit_id, g.stream, g.from_seq, g.to_seq, g.detected_at, g.seq,"
-            " (g.to_seq - g.from_seq + 1) - coalesce((SELECT sum(p.n) FROM ({}) p), 0)"
+            " (g.to_seq - g.from_seq + 1) - coalesce((SELECT sum(p.n) FROM ({}) p), 0), g.restart"
             " FROM telemetry_gap g WHERE %s::text IS NULL OR g.unit_id = %s ORDER BY g.detected_at, g.unit_id, g.seq"
         ).format(present)
         rows = await self._fetch(query, (unit_id, unit_id))
-        return [GapInfo(u, Stream(s), lo, hi, det, seq, int(missing)) for u, s, lo, hi, det, seq, missing in rows]
+        return [
+            GapInfo(u, Stream(s), lo, hi, det, seq, int(missing), bool(restart))
+            for u, s, lo, hi, det, seq, missing, restart in rows
+        ]
 
     async def ingest_state(self) -> IngestState:
         """Highest stored seq per (unit, gap-tracked stream) (``stream_head``) and highest gap seq per unit."""
@@ -604,6 +644,22 @@ class PostgresStore:
                             continue
                         if rx > settled:
                             break  # the jump is too recent: messages may still be on their way
+                        if seq - top - 1 > self.restart_jump:  # a sequence restart: unknown loss, no range
+                            gap_seq[unit_id] = gap_seq.get(unit_id, -1) + 1
+                            records.append(
+                                GapRecord(
+                                    unit_id=unit_id,
+                                    seq=gap_seq[unit_id],
+                                    sent_at=now,
+                                    stream=stream.value,
+                                    from_seq=top + 1,
+                                    to_seq=seq - 1,
+                                    detected_at=now,
+                                    restart=True,
+                                )
+                            )
+                            top = seq
+                            continue
                         for lo, hi in await self._still_missing(cur, table, unit_id, top + 1, seq - 1):
                             gap_seq[unit_id] = gap_seq.get(unit_id, -1) + 1
                             records.append(
@@ -628,9 +684,10 @@ class PostgresStore:
                     )
             if records:
                 await cur.executemany(
-                    "INSERT INTO telemetry_gap (unit_id, seq, stream, from_seq, to_seq, detected_at, sent_at,"
-                    " received_at, historical) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, false) ON CONFLICT DO NOTHING",
-                    [(r.unit_id, r.seq, r.stream, r.from_seq, r.to_seq, now, now, now) for r in records],
+                    "INSERT INTO telemetry_gap (unit_id, seq, stream, from_seq, to_seq, detected_at, restart, sent_at,"
+                    " received_at, historical) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, false)"
+                    " ON CONFLICT DO NOTHING",
+                    [(r.unit_id, r.seq, r.stream, r.from_seq, r.to_seq, now, r.restart, now, now) for r in records],
                 )
         return records
 

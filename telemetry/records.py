@@ -7,8 +7,10 @@ UCUM as fixed by the FHIR R4 vital-signs profiles).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,7 @@ __all__ = [
     "LatestVitals",
     "VitalValue",
     "VitalsBin",
+    "VitalsByCode",
     "WriteResult",
 ]
 
@@ -87,12 +90,45 @@ class VitalValue:
     historical: bool
 
 
+class VitalsByCode(Mapping[str, VitalValue]):
+    """A unit's latest values keyed by LOINC code, built from parallel columns on first access (the board's query
+    returns every unit at once; a unit's values cost nothing until they are read)."""
+
+    __slots__ = ("_columns", "_values")
+
+    def __init__(self, columns: Sequence[Sequence[Any]], field_of: Mapping[str, str]) -> None:
+        """``columns``: loinc, mdc_code, ucum, value, measured_at, seq, historical, each one entry per code."""
+        self._columns: tuple[Sequence[Any], Mapping[str, str]] | None = (columns, field_of)
+        self._values: dict[str, VitalValue] = {}
+
+    def _built(self) -> dict[str, VitalValue]:
+        if self._columns is not None:
+            columns, field_of = self._columns
+            for loinc, mdc, ucum, value, at, seq, historical in zip(*columns, strict=True):
+                field_name = field_of.get(loinc, loinc)
+                self._values[loinc] = VitalValue(field_name, loinc, mdc, ucum, value, at, seq, historical)
+            self._columns = None
+        return self._values
+
+    def __getitem__(self, loinc: str) -> VitalValue:
+        return self._built()[loinc]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __repr__(self) -> str:
+        return f"VitalsByCode({self._built()!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class LatestVitals:
     """The latest value of each vital code of one unit, keyed by LOINC code."""
 
     unit_id: str
-    values: dict[str, VitalValue]
+    values: Mapping[str, VitalValue]
 
     def by_field(self, field_name: str) -> VitalValue | None:
         """The latest value of a :class:`broker_config.Vitals` field (``"spo2_pct"``), or None if never measured."""
@@ -161,7 +197,9 @@ class GapInfo:
     """A detected sequence gap of a unit's stream, ``from_seq``..``to_seq`` inclusive.
 
     ``missing`` is how many of those seqs the store still lacks now (late arrivals shrink it); ``filled`` is
-    ``missing == 0``.  ``seq`` is the GapRecord's own sequence number on the gap stream.
+    ``missing == 0``.  ``seq`` is the GapRecord's own sequence number on the gap stream.  ``restart``: the jump was a
+    sequence restart (:data:`telemetry.gaps.DEFAULT_RESTART_JUMP`): the loss is unknown, the range is what the
+    sender's counters skipped and ``missing`` is not a count of lost messages.
     """
 
     unit_id: str
@@ -171,6 +209,7 @@ class GapInfo:
     detected_at: datetime
     seq: int
     missing: int
+    restart: bool = False
 
     @property
     def filled(self) -> bool:

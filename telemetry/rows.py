@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeAlias
 
-from pydantic import BaseModel
-
 from broker_config import (
     VITAL_CODES,
     Availability,
@@ -153,6 +151,7 @@ TABLES: dict[Stream, TableSpec] = {
             ("from_seq", "bigint"),
             ("to_seq", "bigint"),
             ("detected_at", "timestamptz"),
+            ("restart", "boolean"),
         ),
     ),
 }
@@ -166,7 +165,7 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def rows_for(parsed: ParsedTopic, model: BaseModel, received_at: datetime) -> tuple[TableSpec, list[Row]] | None:
+def rows_for(parsed: ParsedTopic, model: object, received_at: datetime) -> tuple[TableSpec, list[Row]] | None:
     """The rows one decoded message becomes, or None when the stream is not stored (video).
 
     A vitals set becomes one narrow coded row per measured field (LOINC, MDC, UCUM from
@@ -273,6 +272,7 @@ def rows_for(parsed: ParsedTopic, model: BaseModel, received_at: datetime) -> tu
                 model.from_seq,
                 model.to_seq,
                 model.detected_at,
+                model.restart,
                 *common,
             )
         ]
@@ -281,7 +281,7 @@ def rows_for(parsed: ParsedTopic, model: BaseModel, received_at: datetime) -> tu
     return spec, rows
 
 
-def model_sent_at(model: BaseModel) -> datetime:
+def model_sent_at(model: object) -> datetime:
     """The envelope's ``sent_at``.  Raises TypeError for a model without an envelope."""
     sent_at = getattr(model, "sent_at", None)
     if not isinstance(sent_at, datetime):
@@ -290,7 +290,7 @@ def model_sent_at(model: BaseModel) -> datetime:
 
 
 def group_rows(
-    batch: Sequence[tuple[ParsedTopic, BaseModel, datetime] | tuple[ParsedTopic, BaseModel, datetime, bytes | None]],
+    batch: Sequence[tuple[ParsedTopic, object, datetime] | tuple[ParsedTopic, object, datetime, bytes | None]],
 ) -> tuple[dict[Stream, list[list[Row]]], dict[Stream, int]]:
     """Split a batch into per-stream lists of messages (each a list of rows), plus per-stream ignored counts.
 

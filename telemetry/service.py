@@ -66,6 +66,8 @@ async def run_ingest(
             queue_max=options.queue_max,
             write_timeout_s=options.write_timeout_s,
             share_group=options.share_group,
+            publish_receipts=options.publish_receipts,
+            receipt_interval_s=options.receipt_interval_s,
         )
         if on_ingest is not None:
             on_ingest(ingest)

@@ -28,6 +28,11 @@ class TelemetrySettings(BaseSettings):
     share_group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] | None = None
     """Run as one of several workers on the MQTT shared subscription ``$share/{group}/`` (each worker needs its own
     ``client_id``); gaps are then found by a store-side scan (PostgreSQL)."""
+    publish_receipts: bool = True
+    """Publish each unit's retained delivery receipt (StoreReceipt) after its data is committed (the crew screen's
+    "stored"); always off with ``share_group``."""
+    receipt_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """At most one receipt per unit per this many seconds."""
 
     @field_validator("database_url")
     @classmethod

@@ -36,7 +36,18 @@ from telemetry.records import (
     WriteResult,
 )
 from telemetry.rows import TABLES, Row, as_utc, group_rows
-from telemetry.store import ECG_LOOKBACK_MARGIN_S, Batch, StoredChunk, assemble_window, concat_adc
+from telemetry.store import (
+    DEFAULT_TIME_RULES,
+    ECG_LOOKBACK_MARGIN_S,
+    PARTITION_TIME,
+    Batch,
+    BatchItem,
+    StoredChunk,
+    TimeRule,
+    assemble_window,
+    concat_adc,
+    time_verdict,
+)
 
 __all__ = ["SqliteStore"]
 
@@ -100,12 +111,23 @@ class SqliteStore:
     """The telemetry store on one SQLite file.  Build it with :func:`telemetry.store.open_store`.
 
     ``busy_timeout_s`` bounds how long a statement waits for another process's lock before
-    :class:`~telemetry.errors.StoreUnavailableError` is raised.
+    :class:`~telemetry.errors.StoreUnavailableError` is raised.  ``time_rules`` (default: PostgreSQL's defaults,
+    :data:`telemetry.store.DEFAULT_TIME_RULES`) and ``clock`` decide which ECG, vitals and GPS messages are refused
+    as expired or too far in the future, exactly as the PostgreSQL store does.
     """
 
-    def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        busy_timeout_s: float = 5.0,
+        time_rules: dict[Stream, TimeRule] | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.path = str(path)
         self.busy_timeout_s = busy_timeout_s
+        self.time_rules = dict(DEFAULT_TIME_RULES if time_rules is None else time_rules)
+        self._clock = clock or (lambda: datetime.now(UTC))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
@@ -195,9 +217,29 @@ class SqliteStore:
     # --- writes ---------------------------------------------------------------------------------------------------
 
     async def write(self, batch: Batch) -> WriteResult:
-        """Store a batch in one transaction; see :meth:`telemetry.store.Store.write`."""
-        grouped, ignored = group_rows(batch)
+        """Store a batch in one transaction; see :meth:`telemetry.store.Store.write`.
+
+        ECG, vitals and GPS messages older than their stream's retention are refused and counted as ``expired``,
+        those too far ahead of the store's clock as ``future`` (the PostgreSQL store's rules).  A vitals message
+        whose (unit, seq) is already stored is a duplicate as a whole, even if its fields differ.
+        """
         result = WriteResult()
+        now = self._clock()
+        kept: list[BatchItem] = []
+        for item in batch:
+            stream = item[0].stream
+            rule = self.time_rules.get(stream)
+            if rule is not None and stream in PARTITION_TIME:
+                at = getattr(item[1], PARTITION_TIME[stream], None)
+                verdict = time_verdict(rule, as_utc(at), now) if isinstance(at, datetime) else None
+                if verdict == "expired":
+                    result.expired[stream] += 1
+                    continue
+                if verdict == "future":
+                    result.future[stream] += 1
+                    continue
+            kept.append(item)
+        grouped, ignored = group_rows(kept)
         result.ignored.update(ignored)
         if not grouped:
             return result
@@ -213,6 +255,9 @@ class SqliteStore:
             for stream, messages in grouped.items():
                 statement = _INSERT[stream]
                 for rows in messages:
+                    if stream is Stream.VITALS and rows and _vitals_stored(conn, rows[0]):
+                        result.duplicates[stream] += 1  # message-level key: a replay never merges new codes
+                        continue
                     before = conn.total_changes
                     for row in rows:
                         conn.execute(statement, row)
@@ -237,13 +282,12 @@ class SqliteStore:
             " FROM vitals) WHERE rn = 1 ORDER BY unit_id, loinc",
             (),
         )
-        out: dict[str, LatestVitals] = {}
+        values: dict[str, dict[str, VitalValue]] = {}
         for unit_id, seq, loinc, mdc, ucum, value, measured_at, historical in rows:
-            latest = out.setdefault(unit_id, LatestVitals(unit_id, {}))
-            latest.values[loinc] = VitalValue(
+            values.setdefault(unit_id, {})[loinc] = VitalValue(
                 _FIELD_BY_LOINC.get(loinc, loinc), loinc, mdc, ucum, value, _dt(measured_at), seq, bool(historical)
             )
-        return out
+        return {unit_id: LatestVitals(unit_id, by_code) for unit_id, by_code in values.items()}
 
     async def ecg_window(self, unit_id: str, seconds: float) -> EcgWindow | None:
         """The unit's last ``seconds`` of ECG; see :func:`telemetry.store.assemble_window`."""
@@ -316,15 +360,16 @@ class SqliteStore:
     @staticmethod
     def _gaps(conn: sqlite3.Connection, unit_id: str | None) -> list[GapInfo]:
         rows = conn.execute(
-            "SELECT unit_id, seq, stream, from_seq, to_seq, detected_at FROM telemetry_gap"
+            "SELECT unit_id, seq, stream, from_seq, to_seq, detected_at, restart FROM telemetry_gap"
             " WHERE ? IS NULL OR unit_id = ? ORDER BY detected_at, unit_id, seq",
             (unit_id, unit_id),
         ).fetchall()
         out = []
-        for unit, seq, stream_s, lo, hi, detected_at in rows:
+        for unit, seq, stream_s, lo, hi, detected_at, restart in rows:
             stream = Stream(stream_s)
             (present,) = conn.execute(_COUNT_IN_RANGE[stream], (unit, lo, hi)).fetchone()
-            out.append(GapInfo(unit, stream, lo, hi, _dt(detected_at), seq, (hi - lo + 1) - int(present)))
+            missing = (hi - lo + 1) - int(present)
+            out.append(GapInfo(unit, stream, lo, hi, _dt(detected_at), seq, missing, bool(restart)))
         return out
 
     async def ingest_state(self) -> IngestState:
@@ -353,6 +398,12 @@ class SqliteStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _vitals_stored(conn: sqlite3.Connection, row: Row) -> bool:
+    """Whether any row of the vitals message (unit_id, seq) of ``row`` is stored (primary-key prefix lookup)."""
+    found = conn.execute("SELECT 1 FROM vitals WHERE unit_id = ? AND seq = ? LIMIT 1", (row[0], row[1])).fetchone()
+    return found is not None
 
 
 def _fetch(conn: sqlite3.Connection, statement: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:

@@ -22,16 +22,66 @@ from pydantic import BaseModel
 
 from broker_config import ParsedTopic, Stream
 from telemetry.errors import UnsupportedStoreError
+from telemetry.ghe1 import EcgHead
 from telemetry.records import EcgWindow, GapInfo, GpsPoint, IngestState, LatestVitals, VitalsBin, WriteResult
 
-__all__ = ["Batch", "BatchItem", "Store", "StoredChunk", "assemble_window", "concat_adc", "open_store"]
+__all__ = [
+    "DEFAULT_TIME_RULES",
+    "PARTITION_TIME",
+    "Batch",
+    "BatchItem",
+    "Store",
+    "StoredChunk",
+    "TimeRule",
+    "assemble_window",
+    "concat_adc",
+    "open_store",
+    "time_verdict",
+]
 
-BatchItem = tuple[ParsedTopic, BaseModel, datetime] | tuple[ParsedTopic, BaseModel, datetime, bytes | None]
+BatchItem = (
+    tuple[ParsedTopic, BaseModel | EcgHead, datetime] | tuple[ParsedTopic, BaseModel | EcgHead, datetime, bytes | None]
+)
 """A decoded message with its receive time (timezone-aware UTC) and, optionally, the payload bytes it was decoded
-from (the PostgreSQL store keeps an ECG chunk's already compressed GHE1 bytes instead of compressing again)."""
+from (the PostgreSQL store keeps an ECG chunk's already compressed GHE1 bytes instead of compressing again).  An
+:class:`telemetry.ghe1.EcgHead` (a checked but undecoded ECG chunk, with its bytes) goes only to a store whose
+``files_ghe1`` is true."""
 
 Batch = Sequence[BatchItem]
 """Decoded messages to store in one transaction."""
+
+PARTITION_TIME: dict[Stream, str] = {Stream.ECG: "start_at", Stream.VITALS: "measured_at", Stream.GPS: "sent_at"}
+"""The payload time that files a message of each time-kept stream (PostgreSQL's partition key)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimeRule:
+    """How long a stream is kept (``retain``) and how far ahead of the store's clock it is accepted
+    (``premake + partition_width``, PostgreSQL's furthest premade partition)."""
+
+    retain: timedelta
+    partition_width: timedelta
+    premake: timedelta
+
+
+DEFAULT_TIME_RULES: dict[Stream, TimeRule] = {
+    Stream.ECG: TimeRule(timedelta(days=30), timedelta(days=1), timedelta(days=2)),
+    Stream.VITALS: TimeRule(timedelta(days=365), timedelta(days=1), timedelta(days=2)),
+    Stream.GPS: TimeRule(timedelta(days=365), timedelta(days=1), timedelta(days=2)),
+}
+"""The defaults of PostgreSQL migration 0002's ``telemetry_retention`` (raw ECG 30 days, vitals and GPS 1 year),
+which the SQLite store applies too, so that the embedded store never keeps what PostgreSQL refuses."""
+
+
+def time_verdict(rule: TimeRule, at: datetime, now: datetime) -> str | None:
+    """``"expired"`` when ``at`` is older than the rule's retention, ``"future"`` when it is too far ahead of
+    ``now`` to be filed (a device clock gone wrong, FF-07), else None.  Both times timezone-aware."""
+    if at < now - rule.retain:
+        return "expired"
+    if at >= now + rule.premake + rule.partition_width:
+        return "future"
+    return None
+
 
 ECG_LOOKBACK_MARGIN_S = 300.0
 """How far before a window's start to look for a chunk that may still reach into it (longest chunk assumed)."""

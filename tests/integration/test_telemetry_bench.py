@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_bench_ingest_tiny_run_reports_every_figure(tmp_path: Path, mqtt_settings: BrokerSettings) -> None:
     out = tmp_path / "bench.json"
     pg = os.environ.get("GOLDENHOUR_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    argv = ["--units", "3", "--duration-s", "3", "--history-s", "30", "--mqtt-url", mqtt_settings.url]
+    argv = ["--units", "3", "--duration-s", "3", "--history-s", "30", "--mqtt-url", mqtt_settings.url, "--workers", "2"]
     assert bench.main([*argv, "--database-url", pg, "--json", str(out)]) == 0
     (result,) = json.loads(out.read_text())
     ingest, naive = result["ingest"], result["naive"]
@@ -28,6 +28,8 @@ def test_bench_ingest_tiny_run_reports_every_figure(tmp_path: Path, mqtt_setting
     assert naive["stored"] == naive["published"] == 27
     assert set(result["ratios"]) >= {"messages_per_s", "cpu_s_per_1000_msgs", "bytes_per_ecg_sample"}
     assert all(v == v for v in (*result["latest_vitals_ms"], *result["ecg_10s_ms"]))  # measured, not NaN
+    assert result["workers"] == 2  # two ingest processes on one shared subscription: still nothing lost or doubled
+    assert set(ingest["cpu_s_per_1000_msgs_by_process"]) == {"broker", "publisher", "ingest", "postgresql"}
 
 
 def test_synthetic_ecg_and_templates_are_lossless() -> None:

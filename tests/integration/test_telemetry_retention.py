@@ -197,7 +197,7 @@ async def test_a_0001_database_migrates_forward_with_its_rows(pg_url: str) -> No
         )
     store = open_store(pg_url)
     try:
-        assert await store.migrate() == [2]
+        assert await store.migrate() == [2, 3]
         assert await store.seqs(U, Stream.VITALS) == [3]
         assert await store.seqs(U, Stream.GPS) == [2]
         np.testing.assert_array_equal(await store.ecg_samples(U), raw)
@@ -211,3 +211,40 @@ async def test_a_0001_database_migrates_forward_with_its_rows(pg_url: str) -> No
         assert (await store.write([(ParsedTopic(Scope.UNIT, U, Stream.ECG), new, NOW)])).inserted[Stream.ECG] == 1
     finally:
         await store.close()
+
+
+async def test_a_vitals_replay_with_other_fields_is_a_no_op_as_a_whole(store: PostgresStore) -> None:
+    """Message-level idempotency on (unit, stream, seq): a replay never merges new codes into the stored message,
+    whether it lands in the same partition or (another measured_at) in another one, in a later batch or the same."""
+    first = Vitals(unit_id=U, seq=7, sent_at=NOW, measured_at=NOW, heart_rate_bpm=80.0)
+    other = Vitals(unit_id=U, seq=7, sent_at=NOW, measured_at=NOW, heart_rate_bpm=81.0, spo2_pct=95.0)
+    moved = Vitals(unit_id=U, seq=7, sent_at=NOW, measured_at=NOW - timedelta(days=3), resp_rate_per_min=20.0)
+    assert (await store.write([item(Stream.VITALS, first)])).inserted[Stream.VITALS] == 1  # type: ignore[list-item]
+    again = await store.write([item(Stream.VITALS, other), item(Stream.VITALS, moved)])  # type: ignore[list-item]
+    assert again.duplicates[Stream.VITALS] == 2
+    assert again.total_inserted == 0
+    a = Vitals(unit_id=U, seq=8, sent_at=NOW, measured_at=NOW, spo2_pct=97.0)
+    b = Vitals(unit_id=U, seq=8, sent_at=NOW, measured_at=NOW, spo2_pct=90.0, sbp_mmhg=120.0)
+    both = await store.write([item(Stream.VITALS, a), item(Stream.VITALS, b)])  # type: ignore[list-item]
+    assert both.inserted[Stream.VITALS] == 1
+    assert both.duplicates[Stream.VITALS] == 1
+    late = Vitals(unit_id=U, seq=2, sent_at=NOW, measured_at=NOW - timedelta(hours=1), spo2_pct=99.0)
+    assert (await store.write([item(Stream.VITALS, late)])).inserted[Stream.VITALS] == 1  # type: ignore[list-item]
+    async with await psycopg.AsyncConnection.connect(store._conninfo) as conn:
+        cur = await conn.execute("SELECT seq, loinc, value FROM vitals WHERE unit_id = %s ORDER BY seq, loinc", (U,))
+        rows = await cur.fetchall()
+    assert rows == [(2, "59408-5", 99.0), (7, "8867-4", 80.0), (8, "59408-5", 97.0)]
+
+
+async def test_store_side_scan_reports_a_sequence_restart_not_a_gap(store: PostgresStore) -> None:
+    seed = 1_764_470_000_000_000  # a new outbox seeded from the clock (microseconds since the epoch)
+    batch = [item(Stream.GPS, gps(s, NOW - timedelta(seconds=10 - s))) for s in (0, 1)]
+    batch.append(item(Stream.GPS, gps(seed, NOW)))
+    batch.append(item(Stream.GPS, gps(seed + 2, NOW)))
+    await store.write(batch)  # type: ignore[arg-type]
+    records = await store.scan_gaps(window_s=3600, settle_s=0)
+    assert records is not None
+    assert [(r.from_seq, r.to_seq, r.restart) for r in records] == [(2, seed - 1, True), (seed + 1, seed + 1, False)]
+    gaps = await store.gaps(U)
+    assert [(g.restart, g.missing) for g in gaps if not g.restart] == [(False, 1)]
+    assert any(g.restart for g in gaps)

@@ -89,3 +89,28 @@ def test_open_gaps_are_exactly_the_missing_seqs_below_the_highest(n: int, seed: 
     top = max(seqs)
     missing = {s for lo, hi in t.open_gaps(U, Stream.ECG) for s in range(lo, hi + 1)}
     assert missing == set(range(top + 1)) - set(seqs)
+
+
+def test_a_wall_clock_seeded_restart_is_a_restart_not_a_gap() -> None:
+    """A new outbox seeds its counters from the clock (microseconds since the epoch): unknown loss, no range."""
+    t = GapTracker(restart_jump=100_000)
+    t.observe(U, Stream.ECG, 0)
+    t.observe(U, Stream.ECG, 1)
+    clock_seed = 1_764_470_000_000_000
+    restart = t.observe(U, Stream.ECG, clock_seed)
+    assert restart == Observation(Arrival.RESTART, gap=(2, clock_seed - 1))
+    assert t.open_gaps(U, Stream.ECG) == []  # nothing to fill: never reported as 10^15 missing messages
+    assert t.observe(U, Stream.ECG, clock_seed + 1).arrival is Arrival.IN_ORDER
+    assert t.observe(U, Stream.ECG, clock_seed + 3) == Observation(Arrival.GAP, gap=(clock_seed + 2, clock_seed + 2))
+    assert t.observe(U, Stream.ECG, 1).arrival is Arrival.DUPLICATE  # the old outbox's seqs stay harmless
+
+
+def test_the_restart_bound_is_exclusive_and_first_contact_counts() -> None:
+    t = GapTracker(restart_jump=10)
+    t.observe(U, Stream.GPS, 0)
+    assert t.observe(U, Stream.GPS, 11) == Observation(Arrival.GAP, gap=(1, 10))  # 10 missing: still a gap
+    assert t.observe(U, Stream.GPS, 23).arrival is Arrival.RESTART  # 11 missing: a restart
+    assert t.observe("fresh", Stream.GPS, 10) == Observation(Arrival.GAP, gap=(0, 9))
+    assert t.observe("seeded", Stream.GPS, 11) == Observation(Arrival.RESTART, gap=(0, 10))
+    with pytest.raises(ValueError):
+        GapTracker(restart_jump=0)

@@ -14,11 +14,12 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from broker_config import BrokerSettings, GpsFix, Stream, TopicSpace, Vitals, encode
+from broker_config import BrokerSettings, GapRecord, GpsFix, Stream, TopicSpace, Vitals, encode
 from telemetry.errors import StoreUnavailableError, WriteError
-from telemetry.ingest import Ingest, RejectReason, classify_rejection, subscription_filters
+from telemetry.ingest import Ingest, RejectReason, StoredWatermarks, classify_rejection, subscription_filters
 from telemetry.records import WriteResult
-from telemetry.store import Store, open_store
+from telemetry.sqlite_store import SqliteStore
+from telemetry.store import Store
 
 T0 = datetime(2024, 3, 14, 9, 30, tzinfo=UTC)
 U = "amb7"
@@ -60,7 +61,7 @@ class FlakyStore:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store(f"sqlite:///{tmp_path}/ingest.sqlite3")
+    s = SqliteStore(tmp_path / "ingest.sqlite3", clock=lambda: T0)  # the data's times are around T0
     await s.migrate()
     yield s
     await s.close()
@@ -193,3 +194,40 @@ async def test_shutdown_writes_what_was_already_received(store: Store) -> None:
         await ingest._on_message(msg(Stream.VITALS, encode(Stream.VITALS, vitals(seq))))
     await ingest._drain()
     assert await store.seqs(U, Stream.VITALS) == list(range(5))
+
+
+def test_watermark_follows_a_sequence_restart() -> None:
+    """A new outbox seeded from the clock: the receipt's watermark jumps to it instead of waiting forever."""
+    marks = StoredWatermarks(restart_jump=1000)
+    for seq in (0, 1, 3):
+        marks.add("amb7", Stream.GPS, seq)
+    assert marks.through("amb7") == {"gps": 1}
+    seed = 1_764_470_000_000_000
+    assert marks.add("amb7", Stream.GPS, seed)
+    assert marks.add("amb7", Stream.GPS, seed + 1)
+    assert marks.through("amb7") == {"gps": seed + 1}
+    assert not marks.add("amb7", Stream.GPS, 2)  # a late message of the old outbox changes nothing
+
+
+async def test_a_hanging_broker_never_holds_up_the_writer_or_gap_publishing(store: Store) -> None:
+    """Gap records are published by their own task within a bounded budget; the writer never awaits the network."""
+    ingest, writer = await started(store, gap_publish_timeout_s=0.05, gap_publish_budget_s=0.2)
+    calls = 0
+
+    async def never_acknowledged(*_: object, **__: object) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(3600)  # a broker that takes the PUBLISH and never answers
+
+    ingest.link.publish = never_acknowledged  # type: ignore[method-assign]
+    ingest.link.connected.set()
+    record = GapRecord(unit_id="amb7", seq=0, sent_at=T0, stream="gps", from_seq=1, to_seq=2, detected_at=T0)
+    ingest._unpublished.append(record)
+    async with asyncio.timeout(2):
+        await ingest._publish_gaps()  # returns within its budget
+    assert calls == 1
+    assert list(ingest._unpublished) == [record]  # kept for the next round, not lost
+    fix = GpsFix(unit_id="amb7", seq=0, sent_at=T0, fix=False)
+    await ingest._on_message(msg(Stream.GPS, encode(Stream.GPS, fix), "amb7"))
+    await ingest.wait_until(lambda s: s.stored(Stream.GPS) == 1, 2.0)  # the writer went on meanwhile
+    await stop(writer)

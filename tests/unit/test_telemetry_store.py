@@ -97,7 +97,7 @@ def numerics_vitals(unit_id: str = UNIT) -> list[Vitals]:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store(f"sqlite:///{tmp_path}/telemetry.sqlite3")
+    s = SqliteStore(tmp_path / "telemetry.sqlite3", clock=lambda: T0)  # the data's times are around T0
     await s.migrate()
     yield s
     await s.close()
@@ -282,7 +282,7 @@ async def test_video_and_empty_vitals_are_ignored(store: Store) -> None:
 
 async def test_a_locked_database_is_unavailable_not_lost(tmp_path: Path) -> None:
     path = tmp_path / "locked.sqlite3"
-    s = SqliteStore(path, busy_timeout_s=0.05)
+    s = SqliteStore(path, busy_timeout_s=0.05, clock=lambda: T0)
     await s.migrate()
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
@@ -301,3 +301,59 @@ async def test_migrate_entry_point(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/cli.sqlite3"
     assert await migrate(url) == [m.version for m in load_migrations("sqlite")]
     assert await migrate(url) == []
+
+
+async def test_a_vitals_replay_of_a_stored_seq_is_a_no_op_as_a_whole(store: Store) -> None:
+    """Idempotency is per message (unit, stream, seq): a replay carrying other codes merges nothing."""
+    first = Vitals(unit_id=UNIT, seq=5, sent_at=T0, measured_at=T0, heart_rate_bpm=80.0)
+    other = Vitals(unit_id=UNIT, seq=5, sent_at=T0, measured_at=T0, heart_rate_bpm=81.0, spo2_pct=95.0)
+    moved = Vitals(unit_id=UNIT, seq=5, sent_at=T0, measured_at=T0 + timedelta(hours=1), resp_rate_per_min=20.0)
+    assert (await store.write([(pt(Stream.VITALS), first, T0)])).inserted[Stream.VITALS] == 1
+    again = await store.write([(pt(Stream.VITALS), other, T0), (pt(Stream.VITALS), moved, T0)])
+    assert again.duplicates[Stream.VITALS] == 2
+    assert again.total_inserted == 0
+    # and within one batch: the first message of a (unit, seq) wins
+    a = Vitals(unit_id=UNIT, seq=6, sent_at=T0, measured_at=T0, spo2_pct=97.0)
+    b = Vitals(unit_id=UNIT, seq=6, sent_at=T0, measured_at=T0, spo2_pct=90.0, sbp_mmhg=120.0)
+    both = await store.write([(pt(Stream.VITALS), a, T0), (pt(Stream.VITALS), b, T0)])
+    assert both.inserted[Stream.VITALS] == 1
+    assert both.duplicates[Stream.VITALS] == 1
+    latest = (await store.latest_vitals())[UNIT].values
+    assert {v.field: v.value for v in latest.values()} == {"heart_rate_bpm": 80.0, "spo2_pct": 97.0}
+
+
+async def test_sqlite_refuses_expired_and_future_data_like_postgres(tmp_path: Path) -> None:
+    """The embedded store applies PostgreSQL's retention defaults (ECG 30 d, vitals and GPS 365 d; at most
+    premake + one partition ahead): what PostgreSQL refuses is counted, not kept."""
+    now = T0
+    s = SqliteStore(tmp_path / "rules.sqlite3", clock=lambda: now)
+    await s.migrate()
+    old_ecg, _ = mitdb_chunks("100", 1)
+    expired_ecg = old_ecg[0].model_copy(update={"start_at": now - timedelta(days=31), "seq": 0})
+    fresh_ecg = old_ecg[0].model_copy(update={"start_at": now - timedelta(days=29), "seq": 1})
+    far = now + timedelta(days=3, minutes=1)
+    batch = [
+        (pt(Stream.ECG), expired_ecg, now),
+        (pt(Stream.ECG), fresh_ecg, now),
+        (pt(Stream.VITALS), Vitals(unit_id=UNIT, seq=0, sent_at=now, measured_at=far, spo2_pct=97.0), now),
+        (pt(Stream.VITALS), Vitals(unit_id=UNIT, seq=1, sent_at=now, measured_at=now, spo2_pct=97.0), now),
+        (pt(Stream.GPS), GpsFix(unit_id=UNIT, seq=0, sent_at=now - timedelta(days=366), fix=False), now),
+        (pt(Stream.GPS), GpsFix(unit_id=UNIT, seq=1, sent_at=now + timedelta(days=2), fix=False), now),
+    ]
+    result = await s.write(batch)
+    assert result.expired == {Stream.ECG: 1, Stream.GPS: 1}
+    assert result.future == {Stream.VITALS: 1}
+    assert result.inserted == {Stream.ECG: 1, Stream.VITALS: 1, Stream.GPS: 1}
+    assert await s.seqs(UNIT, Stream.ECG) == [1]
+    assert await s.seqs(UNIT, Stream.VITALS) == [1]
+    await s.close()
+
+
+async def test_restart_gap_records_round_trip(store: Store) -> None:
+    record = GapRecord(
+        unit_id=UNIT, seq=0, sent_at=T0, stream="gps", from_seq=3, to_seq=10**15, detected_at=T0, restart=True
+    )
+    assert (await store.write([(pt(Stream.GAP), record, T0)])).inserted[Stream.GAP] == 1
+    (info,) = await store.gaps(UNIT)
+    assert info.restart
+    assert (info.from_seq, info.to_seq) == (3, 10**15)
