@@ -32,9 +32,11 @@ Measured over ``--duration-s`` seconds after ``--warmup-s`` seconds of load:
   vitals, because a vitals event on the feed carries ``measured_at`` only).  Both clocks are this machine's.
   p50 and p99 over every event received by every board;
 * ECG frame rate = ``requestAnimationFrame`` callbacks per second in each page, median and slowest board, and the
-  number of ECG strips visible; also the strip redraws per second that ``board.js`` counts itself with
-  ``?bench=1`` (``window.__ghBench``): the board redraws its strips at most once per 33 ms, so that figure cannot
-  exceed 30.  ``--layout wall`` (the default) asks for the board's 5-column wall layout;
+  number of ECG strips visible (canvases on screen, as the board's own IntersectionObserver sees them); also the
+  strip redraws per second that ``board.js`` counts itself with ``?bench=1`` (``window.__ghBench``): the board
+  draws every visible strip incrementally in its one animation-frame loop (only the samples played since the last
+  frame, see ``GH.drawStrip``), so that figure follows the frame rate.  ``--layout wall`` (the default) asks for the
+  board's 5-column wall layout, which shows ten whole strips at 1920x1080;
 * CPU used by the board service, the broker, the publisher, Chromium, this driver and the whole machine (other
   users included), in percent of one core.
 
@@ -42,8 +44,12 @@ How the pages are read: the benchmark injects a short script over the DevTools p
 (``Page.addScriptToEvaluateOnNewDocument``, see :data:`PROBE_JS`) that counts animation frames and adds its own
 listeners for the ``vitals`` and ``alert`` events of the page's ``EventSource``; everything is read once, at the
 end.  Nothing in ``hospital_board/static`` is changed for the benchmark; it only sets ``?bench=1``, which the
-board already understands, for the strip redraw count.  A page too busy to answer within 15 s is left out and
-counted.
+board already understands, for the strip redraw count and the frame-loop time (and ``&ecg=full`` with
+``--ecg-redraw full``: every strip redrawn whole on every frame, the renderer's baseline).  The pages keep rendering
+as foreground screens: Chromium runs with ``--disable-background-timer-throttling``,
+``--disable-renderer-backgrounding`` and ``--disable-backgrounding-occluded-windows`` (:data:`CHROMIUM_FLAGS`), each
+page in a window of its own, each with its own event stream (one loopback port per page).  A page too busy to
+answer within 15 s is left out and counted.
 
 Baseline: the same measurements with 1 board and 1 unit, in the same run; every figure is also given as the ratio
 run / baseline.  Targets (from the issue): latency p99 <= 250 ms for vitals and for alerts with 20 boards x 50
@@ -64,14 +70,10 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import re
 import secrets
-import shutil
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -102,6 +104,8 @@ from broker_config import (
     encode,
 )
 from broker_config.embedded import free_port
+from simulators.browser import BASE_FLAGS, KEEP_RENDERING_FLAGS, DevTools, chromium_binary
+from simulators.browser import chromium as browser_chromium
 
 __all__ = [
     "ECG_FS_HZ",
@@ -130,20 +134,14 @@ VIEWPORT = (1920, 1080)
 TARGET_P99_MS = 250.0
 TARGET_FPS = 30.0
 CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-component-update",
-    "--disable-sync",
+    *BASE_FLAGS,
     "--mute-audio",
     "--autoplay-policy=no-user-gesture-required",
-    "--disable-renderer-backgrounding",
-    "--disable-background-timer-throttling",
-    "--disable-backgrounding-occluded-windows",
+    *KEEP_RENDERING_FLAGS,
 )
+"""Every board page in the one browser keeps rendering as the foreground screen it stands for: no background
+throttling of timers, no renderer backgrounding, no occluded-window backgrounding (see
+:data:`simulators.browser.KEEP_RENDERING_FLAGS`)."""
 
 _SEQ_MARK = 918_273_645_546_372
 _TIME_MARK = datetime(2001, 2, 3, 4, 5, 6, 789_012, tzinfo=UTC)
@@ -160,9 +158,11 @@ PROBE_JS = r"""
   window.__ghProbe = probe;
   const count = () => { probe.raf++; requestAnimationFrame(count); };
   requestAnimationFrame(count);
-  // once a second: [wall ms, frames so far, strip redraws so far (board.js's own ?bench=1 counter)]
+  // once a second: [wall ms, frames so far, strip redraws so far, ms spent in the board's frame loop so far]
+  // (the last two are board.js's own ?bench=1 counters)
   const redraws = () => (window.__ghBench ? window.__ghBench.frames : 0);
-  setInterval(() => { probe.ticks.push([Date.now(), probe.raf, redraws()]); }, 1000);
+  const drawMs = () => (window.__ghBench ? window.__ghBench.drawMs || 0 : 0);
+  setInterval(() => { probe.ticks.push([Date.now(), probe.raf, redraws(), drawMs()]); }, 1000);
   const Native = window.EventSource;
   window.EventSource = class extends Native {
     constructor(url, init) {
@@ -656,145 +656,33 @@ def _cpu_pct(a: _CpuSample, b: _CpuSample) -> dict[str, float | None]:
     return out
 
 
-# --- a minimal DevTools client (after tests/e2e/test_board_browser.py) ------------------------------------------
-
-
-class _Cdp:
-    """Commands over one browser WebSocket with flattened sessions; events are not kept (nothing waits on them)."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.ids = itertools.count(1)
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(Exception):
-            async for raw in self.ws:
-                message = json.loads(raw)
-                future = self.pending.pop(message.get("id", -1), None)
-                if future is not None and not future.done():
-                    future.set_result(message)
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError("DevTools connection closed"))
-
-    async def call(self, method: str, session: str | None = None, timeout_s: float = 30, **params: Any) -> Any:
-        call_id = next(self.ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.pending[call_id] = future
-        message: dict[str, Any] = {"id": call_id, "method": method, "params": params}
-        if session:
-            message["sessionId"] = session
-        await self.ws.send(json.dumps(message))
-        try:
-            async with asyncio.timeout(timeout_s):
-                reply = await future
-        finally:
-            self.pending.pop(call_id, None)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    async def evaluate(self, session: str, expression: str, timeout_s: float = 30) -> Any:
-        result = await self.call(
-            "Runtime.evaluate", session, timeout_s=timeout_s, expression=expression, returnByValue=True
-        )
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page error: {result['exceptionDetails'].get('text')}")
-        return result["result"].get("value")
-
-    async def wait_for(self, session: str, condition_js: str, timeout_s: float) -> Any:
-        """Poll ``condition_js`` until truthy (tolerates the page navigating meanwhile).  Raises TimeoutError."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                with contextlib.suppress(RuntimeError):
-                    value = await self.evaluate(
-                        session, f"(() => {{ try {{ return {condition_js}; }} catch (e) {{ return null; }} }})()"
-                    )
-                    if value:
-                        return value
-                await asyncio.sleep(0.2)
-
-
-def chromium_binary() -> str | None:
-    """The Chromium executable on PATH (``/usr/bin/chromium`` on Debian), or None."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+# --- the browser (simulators.browser) ---------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
-async def _chromium(binary: str, cpus: frozenset[int] | None = None) -> AsyncIterator[tuple[_Cdp, int]]:
+async def _chromium(binary: str, cpus: frozenset[int] | None = None) -> AsyncIterator[tuple[DevTools, int]]:
     """A fresh headless Chromium, every process of it confined to ``cpus`` (None: anywhere); yields its DevTools
-    client and the browser's pid."""
-    import websockets  # the project's test extra, needed here only
-
-    profile = tempfile.mkdtemp(prefix="gh-bench-chromium-")
-    proc = await asyncio.create_subprocess_exec(
-        binary,
-        *CHROMIUM_FLAGS,
-        "--remote-debugging-port=0",
-        f"--user-data-dir={profile}",
-        f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}",
-        "about:blank",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-    )
-    drain: asyncio.Task[None] | None = None
-    try:
-        assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stderr.readline()).decode(errors="replace")
-                if not line:
-                    raise RuntimeError("chromium exited before opening DevTools")
-                match = re.search(r"DevTools listening on (ws://\S+)", line)
-                if match:
-                    break
-        drain = asyncio.create_task(_drain(proc.stderr))
-        async with websockets.connect(match.group(1), max_size=256 * 1024 * 1024) as ws:
-            cdp = _Cdp(ws)
-            try:
-                yield cdp, proc.pid
-            finally:
-                cdp.reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await cdp.reader
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        if drain is not None:
-            drain.cancel()
-        shutil.rmtree(profile, ignore_errors=True)
+    client (protocol events dropped: nothing waits on them) and the browser's pid."""
+    extra = CHROMIUM_FLAGS[len(BASE_FLAGS) :]
+    async with browser_chromium(
+        *extra,
+        binary=binary,
+        window=VIEWPORT,
+        cpus=cpus,
+        keep_events=False,
+        profile_prefix="gh-bench-chromium-",
+    ) as cdp:
+        assert cdp.proc is not None
+        yield cdp, cdp.proc.pid
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
-
-
-async def _open_board(cdp: _Cdp, url: str, timeout_s: float) -> str:
+async def _open_board(cdp: DevTools, url: str, timeout_s: float) -> str:
     """A board page in a window of its own (a background tab would be hidden: no animation frames)."""
     width, height = VIEWPORT
-    target = await cdp.call("Target.createTarget", url="about:blank", newWindow=True, width=width, height=height)
-    session: str = (await cdp.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
-    await cdp.call(
-        "Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1, mobile=False
-    )
-    await cdp.call("Page.enable", session)
+    session = await cdp.new_page(width, height, new_window=True)
     await cdp.call("Page.addScriptToEvaluateOnNewDocument", session, source=PROBE_JS)
     await cdp.call("Page.navigate", session, url=url)
-    await cdp.wait_for(
+    await cdp.poll(
         session,
         "window.__ghProbe && window.__ghBoard && document.querySelector('#link').textContent === 'LIVE'",
         timeout_s,
@@ -802,7 +690,7 @@ async def _open_board(cdp: _Cdp, url: str, timeout_s: float) -> str:
     return session
 
 
-async def _try_evaluate(cdp: _Cdp, session: str, expression: str, timeout_s: float) -> Any | None:
+async def _try_evaluate(cdp: DevTools, session: str, expression: str, timeout_s: float) -> Any | None:
     """``cdp.evaluate``, or None when an overloaded page does not answer in time (it is then left out)."""
     try:
         return await cdp.evaluate(session, expression, timeout_s=timeout_s)
@@ -822,16 +710,18 @@ def _read_page_js(since_ms: float, until_ms: float) -> str:
     )
 
 
-def _rates(ticks: list[list[float]]) -> tuple[float, float]:
-    """(animation frames/s, strip redraws/s) from the page's once-a-second samples inside the window.
+def _rates(ticks: list[list[float]]) -> tuple[float, float, float]:
+    """(animation frames/s, strip redraws/s, ms per s in the board's frame loop) from the page's once-a-second
+    samples inside the window.
 
     Fewer than two samples means the page could not even run its one-second timer: it is counted as 0 frames/s.
     """
     if len(ticks) < 2:
-        return 0.0, 0.0
-    (t0, raf0, draw0), (t1, raf1, draw1) = ticks[0], ticks[-1]
-    seconds = max((t1 - t0) / 1000, 1e-9)
-    return (raf1 - raf0) / seconds, (draw1 - draw0) / seconds
+        return 0.0, 0.0, float("nan")
+    first, last = ticks[0], ticks[-1]
+    seconds = max((last[0] - first[0]) / 1000, 1e-9)
+    loop_ms = (last[3] - first[3]) / seconds if len(first) > 3 and len(last) > 3 else float("nan")
+    return (last[1] - first[1]) / seconds, (last[2] - first[2]) / seconds, loop_ms
 
 
 # --- one scenario ---------------------------------------------------------------------------------------------
@@ -859,6 +749,8 @@ class ScenarioResult:
     """Opened pages that did not answer the DevTools reads in time (left out of the page figures)."""
     raf_fps: list[float] = field(default_factory=list)
     redraw_fps: list[float] = field(default_factory=list)
+    loop_ms_per_s: list[float] = field(default_factory=list)
+    """Per page: ms per second spent in the board's frame loop (strips and batched text), i.e. its main-thread cost."""
     visible_strips: list[int] = field(default_factory=list)
     cards: list[int] = field(default_factory=list)
     page_resyncs: int = 0
@@ -1007,6 +899,7 @@ async def run_scenario(
     layout: str,
     chromium: str,
     log: Callable[[str], None],
+    ecg_redraw: str = "incremental",
     browser_cpus: frozenset[int] | None = None,
     sse_clients: int = 1,
     show_timeout_s: float = 15.0,
@@ -1040,7 +933,11 @@ async def run_scenario(
         async with _chromium(chromium, browser_cpus) as (cdp, chromium_pid):
             if cookie is not None:
                 await cdp.call("Storage.setCookies", cookies=[cookie])
-            query = f"/?hospital={HOSPITAL_ID}&bench=1" + ("&layout=wall" if layout == "wall" else "")
+            query = (
+                f"/?hospital={HOSPITAL_ID}&bench=1"
+                + ("&layout=wall" if layout == "wall" else "")
+                + ("&ecg=full" if ecg_redraw == "full" else "")
+            )
             log(f"{name}: opening {boards} board window(s)")
             opening = asyncio.Semaphore(4)
             open_deadline = asyncio.get_running_loop().time() + open_timeout_s
@@ -1066,7 +963,7 @@ async def run_scenario(
             log(f"{name}: {units} unit(s) publishing; waiting (at most {show_timeout_s:.0f} s) for the boards")
             with contextlib.suppress(TimeoutError, RuntimeError, ConnectionError):
                 await asyncio.gather(
-                    *(cdp.wait_for(s, f"window.__ghBoard.units.size >= {units}", show_timeout_s) for s in sessions)
+                    *(cdp.poll(s, f"window.__ghBoard.units.size >= {units}", show_timeout_s) for s in sessions)
                 )
             await asyncio.sleep(warmup_s)
             pids = {"board": board_proc.pid, "broker": broker_pid, "publisher": pub_proc.pid, "chromium": chromium_pid}
@@ -1100,9 +997,10 @@ async def run_scenario(
             if page is None:
                 result.pages_unresponsive += 1
                 continue
-            raf_fps, redraw_fps = _rates(page["ticks"])
+            raf_fps, redraw_fps, loop_ms = _rates(page["ticks"])
             result.raf_fps.append(raf_fps)
             result.redraw_fps.append(redraw_fps)
+            result.loop_ms_per_s.append(loop_ms)
             result.visible_strips.append(int(page["visible"]))
             result.cards.append(int(page["units"]))
             result.vitals_ms.extend(float(x) for x in page["vitals"])
@@ -1165,6 +1063,7 @@ def figures(r: ScenarioResult) -> dict[str, float]:
         "raf_fps_median": _median(r.raf_fps),
         "raf_fps_slowest": _min(r.raf_fps),
         "strip_redraws_per_s_median": _median(r.redraw_fps),
+        "frame_loop_ms_per_s_median": _median([x for x in r.loop_ms_per_s if x == x]),
         "visible_strips_median": _median([float(v) for v in r.visible_strips]),
         "vitals_samples": float(len(r.vitals_ms)),
         "alert_samples": float(len(r.alerts_ms)),
@@ -1189,6 +1088,7 @@ _ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("raf_fps_median", "frame rate, median board [rAF/s]", "{:.1f}", ""),
     ("raf_fps_slowest", "frame rate, slowest board [rAF/s]", "{:.1f}", f">= {TARGET_FPS:.0f}"),
     ("strip_redraws_per_s_median", "ECG strip redraws, median board [/s]", "{:.1f}", ""),
+    ("frame_loop_ms_per_s_median", "board frame loop (strips), median [ms per s]", "{:.1f}", ""),
     ("visible_strips_median", "ECG strips visible per board", "{:.0f}", ""),
     ("vitals_samples", "vitals events measured", "{:.0f}", ""),
     ("alert_samples", "alert events measured", "{:.0f}", ""),
@@ -1277,6 +1177,7 @@ async def run(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Sce
         "mqtt_url": mqtt_url,
         "broker_pid": broker_pid,
         "layout": args.layout,
+        "ecg_redraw": args.ecg_redraw,
         "chromium": binary,
         "browser_cpus": _browser_cpus(args.browser_cpus),
         "log": log,
@@ -1350,6 +1251,14 @@ def main(argv: list[str] | None = None, out: Callable[[str], object] | None = No
         "--alert-rate", type=float, default=1.0, help="alert re-publications per second, whole fleet (0: none)"
     )
     parser.add_argument("--layout", choices=("wall", "default"), default="wall", help="board layout")
+    parser.add_argument(
+        "--ecg-redraw",
+        choices=("incremental", "full"),
+        default="incremental",
+        help="how the pages draw their ECG strips: 'incremental' (the board's own way: only the samples played since"
+        " the last frame) or 'full' (every visible strip redrawn whole on every frame, ?ecg=full: the renderer's"
+        " baseline, to compare the frame-loop cost of the two in runs on the same machine)",
+    )
     parser.add_argument("--mqtt-url", default=None, help="use this broker instead of the embedded one")
     parser.add_argument("--chromium", default=None, help="Chromium executable (default: found on PATH)")
     parser.add_argument(

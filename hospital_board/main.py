@@ -43,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Annotated, Any
@@ -64,6 +64,7 @@ from broker_config.topics import ID_PATTERN
 from broker_config.web import BodyLimitMiddleware
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, RouteInfo
 from hospital_board.feed import FeedHub, SseResponse, sse_frame
+from hospital_board.history import StoreTrends
 from hospital_board.maps import RoadMap, RoadsPublic, parse_bbox
 from hospital_board.schemas import BoardSnapshot, DetailSnapshot, EventKind, TimelineEntryPublic
 from hospital_board.security import (
@@ -110,6 +111,7 @@ class AckCreate(BaseModel):
 
     hospital_id: Annotated[str, Field(pattern=ID_PATTERN.pattern)]
     by_role: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_ -]+$")] = "ed_staff"
+    """Ignored (kept so older pages still validate): who acknowledged and in which role come from the token."""
     department: Department | None = None
 
 
@@ -181,6 +183,27 @@ class BoardRuntime:
     map_error: str | None = None
     _map_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _routes: dict[tuple[str, str], _RouteCache] = field(default_factory=dict)
+    history: StoreTrends | None = None
+    """The telemetry store's vitals (``EMS_BOARD_TELEMETRY_DATABASE_URL``), or None: in-memory trends only."""
+    _history_loaded: set[str] = field(default_factory=set)
+
+    async def load_trend_history(self, unit_id: str) -> None:
+        """Fill the unit's trend from the telemetry store, since first contact (the alert's ``fmc_at``; without
+        one, as far back as the trend holds), once per unit and board process: after a board restart the detail
+        view shows the whole course, not only what arrived since.  A store that does not answer is retried on the
+        next open (see :class:`hospital_board.history.StoreTrends`)."""
+        if self.history is None or unit_id in self._history_loaded:
+            return
+        state = self.state
+        since = state.first_contact_at(unit_id) or self.clock() - timedelta(
+            seconds=state.trend_step_s * state.trend_max_points
+        )
+        points = await self.history.points(unit_id, since)
+        if points is None:
+            return
+        added = state.merge_trend(unit_id, points, bin_s=self.history.bin_s)
+        self._history_loaded.add(unit_id)
+        logger.info("trend history merged unit=%s points=%d", unit_id, added)
 
     async def roads(self) -> RoadMap | None:
         """The road map, read from the extract on first use (off the event loop), or None if unavailable."""
@@ -297,6 +320,8 @@ def create_app(
     )
     audit = AuditReporter(None, max_items=settings.audit_queue_items, errors=(DispatchUnavailableError,))
     runtime = BoardRuntime(settings, space, state, hub, link, ingest, clock, security, audit)
+    if settings.telemetry_database_url:
+        runtime.history = StoreTrends(settings.telemetry_database_url, timeout_s=settings.history_timeout_s)
     pages = {
         name: (_STATIC / f"{name}.html").read_text(encoding="utf-8") for name in ("board", "detail", "phone", "login")
     }
@@ -342,6 +367,8 @@ def create_app(
                     hub.close_all()
                     for task in tasks:
                         task.cancel()
+                    if runtime.history is not None:
+                        await runtime.history.close()
 
     app = FastAPI(title="GoldenHour ED board", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware)
@@ -453,6 +480,7 @@ def create_app(
     )
     async def detail(rt: RuntimeDep, viewer: ViewerDep, hospital_id: HospitalPath, unit_id: UnitPath) -> DetailSnapshot:
         guard_unit(rt, viewer, hospital_id, unit_id, "detail")
+        await rt.load_trend_history(unit_id)
         try:
             found = rt.state.detail(hospital_id, unit_id, rt.clock())
         except NotInboundError:
@@ -473,6 +501,8 @@ def create_app(
             shown = list(snap.cards)
         else:
             guard_unit(rt, viewer, hospital_id, unit, "feed")
+            await rt.load_trend_history(unit)
+            now_at = rt.clock()
             try:
                 detail_snap = rt.state.detail(hospital_id, unit, now_at)
             except NotInboundError:
@@ -514,6 +544,7 @@ def create_app(
             raise HTTPException(409, _conflict(exc)) from None
         if rt.state.is_acknowledged(alert_id, body.department):
             return rt.state.alert(alert_id, rt.clock())
+        by_role = viewer.role.value  # from the verified token, never from the body
         now_at = rt.clock()
         try:
             await rt.ingest.publish_ack(
@@ -521,7 +552,7 @@ def create_app(
                 unit_id=alert.unit_id,
                 hospital_id=body.hospital_id,
                 state=AlertState.ACKNOWLEDGED,
-                by_role=body.by_role,
+                by_role=by_role,
                 at=now_at,
                 department=body.department,
             )
@@ -536,11 +567,11 @@ def create_app(
             "alert acknowledged alert=%s hospital=%s role=%s department=%s",
             alert_id,
             body.hospital_id,
-            body.by_role,
+            by_role,
             body.department.value if body.department else "all",
         )
         try:
-            rt.hub.publish(rt.state.acknowledge(alert_id, body.hospital_id, body.by_role, now_at, body.department))
+            rt.hub.publish(rt.state.acknowledge(alert_id, body.hospital_id, by_role, now_at, body.department))
         except BoardError as exc:
             raise HTTPException(409, _conflict(exc)) from None
         return rt.state.alert(alert_id, rt.clock())
@@ -664,18 +695,39 @@ def create_app(
         response.delete_cookie(ACCESS_COOKIE, path="/", secure=secure, httponly=True, samesite="strict")
         response.delete_cookie(REFRESH_COOKIE, path="/api/auth", secure=secure, httponly=True, samesite="strict")
 
-    async def forward(rt: BoardRuntime, action: str, body: dict[str, Any]) -> tuple[int, Any]:
+    def end_session(rt: BoardRuntime, request: Request) -> None:
         try:
-            return await rt.directory.forward_auth(action, body)
+            viewer = viewer_or_none(request)
+        except HTTPException:
+            viewer = None
+        if viewer is not None and viewer.claims.sid is not None:
+            rt.security.revoked.revoke(viewer.claims.sid, viewer.claims.expires_at + timedelta(seconds=60))
+
+    async def forward(
+        rt: BoardRuntime, action: str, body: dict[str, Any], client_addr: str | None = None
+    ) -> tuple[int, Any]:
+        try:
+            return await rt.directory.forward_auth(action, body, client_addr)
         except DispatchUnavailableError as exc:
             logger.warning("sign-in service unavailable action=%s reason=%s", action, exc.reason)
             raise HTTPException(503, "sign-in service (dispatch) unavailable") from None
 
-    @app.post("/api/auth/login", responses={401: {}, 423: {"description": "locked"}, 503: {}})
-    async def login(rt: RuntimeDep, body: LoginCreate, response: Response) -> PrincipalPublic:
-        code, answer = await forward(rt, "login", body.model_dump(exclude_none=True))
+    @app.post("/api/auth/login", responses={401: {}, 423: {"description": "locked"}, 429: {}, 503: {}})
+    async def login(rt: RuntimeDep, body: LoginCreate, request: Request, response: Response) -> PrincipalPublic:
+        client = request.client.host if request.client else None
+        wait_s = rt.security.throttle.hit(client, body.username)  # per address, before forwarding
+        if wait_s is not None:
+            logger.warning("sign-in throttled client=%s", client)
+            raise HTTPException(
+                429, "too many sign-in attempts, try again later", {"Retry-After": str(math.ceil(wait_s))}
+            )
+        code, answer = await forward(rt, "login", body.model_dump(exclude_none=True), client)
+        detail = answer.get("detail") if isinstance(answer, dict) else None
+        if code == 401 and detail != "totp_required":
+            rt.security.throttle.failed(client, body.username)
+        if code == 429:  # dispatch's own throttle (this board's service token missing or refused)
+            raise HTTPException(429, "too many sign-in attempts, try again later", {"Retry-After": "60"})
         if code != 200:
-            detail = answer.get("detail") if isinstance(answer, dict) else None
             raise HTTPException(code if code in (401, 422, 423) else 502, detail if isinstance(detail, str) else "")
         return session_cookies(rt, response, answer)
 
@@ -686,6 +738,7 @@ def create_app(
             raise HTTPException(401, "no session")
         code, answer = await forward(rt, "refresh", {"refresh_token": token})
         if code != 200:
+            end_session(rt, request)  # a refused refresh (expired, or reused: the session was revoked) ends it here too
             failed = JSONResponse({"detail": "session ended"}, status_code=401)
             clear_cookies(rt, failed)
             return failed
@@ -694,6 +747,7 @@ def create_app(
     @app.post("/api/auth/logout", status_code=204, response_model=None)
     async def logout(rt: RuntimeDep, request: Request, response: Response) -> None:
         token = request.cookies.get(REFRESH_COOKIE)
+        end_session(rt, request)  # the access token stops working here at once
         if token and rt.directory.configured:
             await forward(rt, "logout", {"refresh_token": token})
         clear_cookies(rt, response)

@@ -60,6 +60,12 @@ class BoardSettings(BaseSettings):
     """A failed resync from dispatch is retried with capped, jittered back-off between these bounds."""
     resync_max_age_s: Annotated[float, Field(gt=0)] = 6 * 3_600.0
     """Alerts older than this are not resynced (a unit carries one patient; older alerts are history)."""
+    telemetry_database_url: str | None = None
+    """The telemetry store (the ingest's database: ``postgresql://...`` or ``sqlite:///path``), read only: a patient's
+    detail view gets the vitals trend since first contact from it (per-minute means), so that trends survive a board
+    restart.  None: the board's in-memory trend only."""
+    history_timeout_s: Annotated[float, Field(gt=0, le=30)] = 3.0
+    """Deadline of one trend read from the telemetry store; a slower store costs the older trend, not the view."""
     map_pbf: Path | None = DEFAULT_MAP_PBF
     """OSM extract for the route map (``GET /api/map/roads``); None or a missing file disables the map."""
     heartbeat_s: Annotated[float, Field(gt=0, le=30)] = 2.0

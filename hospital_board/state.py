@@ -20,8 +20,11 @@ Rules:
   the moment the board received the value, plus the transport delay the device reports (see
   :func:`age_s`), so neither the board PC's clock nor a device clock running ahead makes old data look fresh.
 * A GPS report without a fix keeps the last known position, flagged lost; (0, 0) is never a position (FF-05/FF-15).
-* ECG: every lead is kept for the last ``ecg_window_s`` as a bounded ring of chunks; a sequence jump is a gap,
-  recorded and shown as a hole, never bridged.  The cards get the first lead; the detail view every lead.
+* ECG: every lead is kept for the last ``ecg_window_s`` as a bounded ring of chunks, ordered by sample time
+  (``start_at``), not by ``seq``: a chunk that starts before the newest sample shown is not live (a duplicate, a
+  late one, a replay), and a ``seq`` that jumps or restarts (an agent restarted, a corrupt counter) never freezes
+  the strip.  A time hole between chunks is a gap, shown as a hole, never bridged; when ``seq`` also jumped the
+  missing range is recorded.  The cards get the first lead; the detail view every lead.
 """
 
 from __future__ import annotations
@@ -424,6 +427,43 @@ class BoardState:
             timeline=self.timeline(hospital_id, unit_id),
         )
 
+    def first_contact_at(self, unit_id: str) -> datetime | None:
+        """When the crew reached the patient (FMC): the earliest ``fmc_at`` of the unit's open alerts, or None
+        when no open alert reports it."""
+        times = [
+            r.message.findings.fmc_at
+            for r in self._alerts.values()
+            if r.open and r.message.unit_id == unit_id and r.message.findings.fmc_at is not None
+        ]
+        return min(times) if times else None
+
+    def merge_trend(self, unit_id: str, points: list[TrendPointPublic], *, bin_s: float) -> int:
+        """Merge trend points read back from the telemetry store (:mod:`hospital_board.history`): each is a
+        summary of the ``bin_s`` seconds around its ``at``, and is added only where the board's own trend has no
+        point within ``bin_s / 2`` of it (the board's own points are finer and win).  The trend stays ordered by
+        time and bounded by ``trend_max_points`` (the oldest go first).
+
+        Returns:
+            How many points were added (0 for a unit the board does not know).
+        """
+        unit = self._units.get(unit_id)
+        if unit is None or not points:
+            return 0
+        trend = unit.trend
+        keys = [p.at for p in trend]
+        added = 0
+        for point in sorted(points, key=lambda p: p.at):
+            i = bisect.bisect_left(keys, point.at)
+            near = [keys[j] for j in (i - 1, i) if 0 <= j < len(keys)]
+            if any(abs((k - point.at).total_seconds()) < bin_s / 2 for k in near):
+                continue
+            trend.insert(i, point)
+            keys.insert(i, point.at)
+            added += 1
+        if len(trend) > self.trend_max_points:
+            del trend[: len(trend) - self.trend_max_points]
+        return added
+
     def timeline(self, hospital_id: str, unit_id: str) -> list[TimelineEntryPublic]:
         """The case's time points the board knows (crew taps, findings times, alerts, pages, acks), by time."""
         entries = list(self._units[unit_id].timeline) if unit_id in self._units else []
@@ -783,20 +823,29 @@ class BoardState:
         return events
 
     def apply_ecg(self, chunk: EcgChunk, now_at: datetime) -> list[BoardEvent]:
-        """An ECG chunk (every lead, mV) joins the unit's ring.  Replays (``historical``) and duplicates (``seq``
-        not above the last) never reach the live strip; a jump in ``seq`` is a gap, recorded and shown."""
+        """An ECG chunk (every lead, mV) joins the unit's ring, in sample-time order.
+
+        Not live (returns ``[]``): replays (``historical``) and any chunk that starts before the end of the newest
+        chunk shown (less a join tolerance of ``_ECG_JOIN_SAMPLES`` samples): duplicates and late chunks.  ``seq``
+        does not decide the order, so a chunk with a huge ``seq`` or a sequence that restarted (new agent session)
+        is followed normally.  A hole in sample time is a gap (``gap_before``); if ``seq`` jumped forward across
+        it, the missing range is recorded and sent as a gap event (source ``board``)."""
         unit = self._unit(chunk.unit_id, now_at, from_unit=True)
-        if chunk.historical or chunk.seq <= unit.last_ecg_seq:
+        if chunk.historical:
             return []
         ring = unit.ecg
         prev = ring[-1] if ring else None
         if prev is not None and prev.fs_hz != chunk.fs_hz:
             ring.clear()
             prev = None
+        join_s = _ECG_JOIN_SAMPLES / chunk.fs_hz
+        hole_s = (chunk.start_at - prev.end_at).total_seconds() if prev is not None else 0.0
+        if hole_s < -join_s:
+            return []  # starts before the newest sample shown: a duplicate or a late chunk, never live
         events: list[BoardEvent] = []
-        gap_before = False
+        gap_before = hole_s > join_s
         hospitals = self.hospitals_of(chunk.unit_id)
-        if unit.last_ecg_seq >= 0 and chunk.seq > unit.last_ecg_seq + 1:
+        if unit.last_ecg_seq >= 0 and chunk.seq > unit.last_ecg_seq + 1 and (prev is None or gap_before):
             gap_before = True
             gap = GapPublic(
                 stream="ecg",
@@ -808,9 +857,6 @@ class BoardState:
                 end_at=chunk.start_at,
             )
             events.extend(self._record_gap(unit, gap, hospitals, now_at))
-        elif prev is not None:
-            hole_s = (chunk.start_at - prev.end_at).total_seconds()
-            gap_before = hole_s > _ECG_JOIN_SAMPLES / chunk.fs_hz
         unit.last_ecg_seq = chunk.seq
         unit.ecg_received_at = now_at
         samples_mv = np.round(ecg_to_mv(chunk), _ECG_DECIMALS)

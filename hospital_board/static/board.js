@@ -12,8 +12,12 @@
   const HOSPITAL = document.body.dataset.hospital;
   const params = new URLSearchParams(location.search);
   const BENCH = params.get("bench") === "1";
+  // ?bench=1&ecg=full: redraw every visible strip whole on every frame (the benchmark's baseline for the renderer)
+  const FULL_REDRAW = BENCH && params.get("ecg") === "full";
   const SILENCE_MS = 120000;
-  const DRAW_EVERY_MS = 33; // ECG strips redrawn at up to 30 frames/s (25 mm/s = ~3 px per frame at 96 dpi)
+  // ECG strips: one requestAnimationFrame loop draws every visible strip incrementally (only the samples played since
+  // the previous frame, see GH.drawStrip), so they follow the display's frame rate; DOM text is written in that loop,
+  // and only when it changed.
 
   if (params.get("layout") === "wall") document.body.classList.add("layout-wall");
 
@@ -33,10 +37,11 @@
   const silencedUntil = new Map(); // sound key -> performance.now() deadline
   const sounded = new Set(); // sound keys that have sounded at least once
   let nextBurstPerf = 0;
-  const bench = { vitals: [], alerts: [], frames: 0, stripDraws: 0, seenAlerts: new Set() };
+  const bench = { vitals: [], alerts: [], frames: 0, stripDraws: 0, drawMs: 0, seenAlerts: new Set() };
   if (BENCH) window.__ghBench = bench;
   window.__ghBoard = { units: units, silencedUntil: silencedUntil, alarm: alarm };
 
+  // A strip is drawn only while its canvas is on screen (a card below the fold, or cut under the strip, costs nothing).
   const observer = new IntersectionObserver((entries) => {
     entries.forEach((e) => { const u = units.get(e.target.dataset.unit); if (u) u.visible = e.isIntersecting; });
   });
@@ -78,7 +83,11 @@
     if (!u) {
       const el = template.content.firstElementChild.cloneNode(true);
       el.dataset.unit = card.unit_id;
-      u = { data: card, el: el, strip: G.newStrip(), t: null, visible: true };
+      u = {
+        data: card, el: el, strip: G.newStrip(), t: null, visible: false, vitalsDirty: false, // visible: set by the observer
+        canvas: el.querySelector("canvas.ecg"), ecgLabel: el.querySelector(".ecg-label"),
+        ecgState: el.querySelector(".ecg-state"), ecgLabelText: null, ecgStateText: null,
+      };
       el.querySelector(".foot button.ack").addEventListener("click", (ev) => { ev.stopPropagation(); acknowledge(u, null); });
       const details = el.querySelector("a.details");
       details.href = "/unit/" + encodeURIComponent(card.unit_id) + "?hospital=" + encodeURIComponent(HOSPITAL);
@@ -86,7 +95,8 @@
       el.addEventListener("click", () => { location.href = details.href; });
       units.set(card.unit_id, u);
       cardsEl.appendChild(el);
-      observer.observe(el);
+      u.canvas.dataset.unit = card.unit_id;
+      observer.observe(u.canvas);
     }
     return u;
   }
@@ -287,21 +297,21 @@
   // --- ECG ------------------------------------------------------------------------------------------------------
 
   const PXMM = G.pxPerMm();
-  let lastDraw = 0;
-  function frame(ts) {
-    if (ts - lastDraw >= DRAW_EVERY_MS) {
-      lastDraw = ts;
-      let drawn = 0;
-      units.forEach((u) => {
-        if (!u.visible) return;
-        const canvas = u.el.querySelector("canvas.ecg");
-        if (G.drawStrip(canvas, u.strip, 0, { pxPerMm: PXMM })) drawn++;
-        const leads = G.stripLeads(u.strip);
-        G.setText(u.el.querySelector(".ecg-label"), (leads.length ? "Lead " + leads[0] + "  " : "") + "25 mm/s  10 mm/mV");
-        G.setText(u.el.querySelector(".ecg-state"), G.stripState(u.strip, 0, u.data.ecg_lost, u.data.availability === "offline"));
-      });
-      if (BENCH && drawn) { bench.frames++; bench.stripDraws += drawn; }
-    }
+  function frame() {
+    let drawn = 0;
+    const t0 = BENCH ? performance.now() : 0;
+    units.forEach((u) => {
+      if (u.vitalsDirty) { u.vitalsDirty = false; renderVitals(u); }
+      if (!u.visible) return;
+      if (FULL_REDRAW && u.canvas._ecg) u.canvas._ecg.lastT = null;
+      if (G.drawStrip(u.canvas, u.strip, 0, { pxPerMm: PXMM })) drawn++;
+      const leads = G.stripLeads(u.strip);
+      const label = (leads.length ? "Lead " + leads[0] + "  " : "") + "25 mm/s  10 mm/mV";
+      if (label !== u.ecgLabelText) { u.ecgLabelText = label; u.ecgLabel.textContent = label; }
+      const state = G.stripState(u.strip, 0, u.data.ecg_lost, u.data.availability === "offline");
+      if (state !== u.ecgStateText) { u.ecgStateText = state; u.ecgState.textContent = state; }
+    });
+    if (BENCH && drawn) { bench.frames++; bench.stripDraws += drawn; bench.drawMs += performance.now() - t0; }
     window.requestAnimationFrame(frame);
   }
 
@@ -313,7 +323,7 @@
       ecgWindow: snap.ecg_window_s,
     };
     const keep = new Set(snap.cards.map((c) => c.unit_id));
-    units.forEach((u, id) => { if (!keep.has(id)) { observer.unobserve(u.el); u.el.remove(); units.delete(id); } });
+    units.forEach((u, id) => { if (!keep.has(id)) { observer.unobserve(u.canvas); u.el.remove(); units.delete(id); } });
     snap.cards.forEach((c) => { setCard(c, snap.server_time); u(c.unit_id).vitalsT = snap.server_time; });
     reorder();
     tick();
@@ -338,14 +348,14 @@
     },
     removed: (ev) => {
       const x = u(ev.unit_id);
-      if (x) { observer.unobserve(x.el); x.el.remove(); units.delete(ev.unit_id); }
+      if (x) { observer.unobserve(x.canvas); x.el.remove(); units.delete(ev.unit_id); }
       reorder();
       updateSound(true);
     },
     vitals: (ev) => {
       const x = u(ev.unit_id);
       if (BENCH && ev.vitals.heart_rate_bpm) bench.vitals.push(Date.now() - G.parseT(ev.vitals.heart_rate_bpm.measured_at));
-      if (x) { x.data.vitals = ev.vitals; x.vitalsT = ev.server_time; renderVitals(x); }
+      if (x) { x.data.vitals = ev.vitals; x.vitalsT = ev.server_time; x.vitalsDirty = true; } // drawn in the next frame
     },
     position: (ev) => { const x = u(ev.unit_id); if (x) { x.data.position = ev.position; renderPosition(x, ev.server_time); } },
     unit: (ev) => {

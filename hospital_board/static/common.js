@@ -313,102 +313,216 @@ window.GH = (function () {
 
   // --- ECG strips --------------------------------------------------------------------------------------------
   // A strip holds segments of one unit: {t0, t1 (device ms), fs, rows: [mv arrays per lead], leads, leadOff, gapBefore}
-  // and plays them back one chunk behind the newest sample, on the page's monotonic clock (no wall clock involved).
-  function newStrip() { return { segs: [], headT: null, headPerf: 0, playT: null, lastChunkMs: 1000 }; }
+  // in sample-time order, and plays them back one chunk behind the newest sample, on the page's monotonic clock (no
+  // wall clock involved). Live is ordered by sample time, never by seq: a segment that starts before the newest
+  // sample held (a duplicate, a late chunk) is not added (the server filters the same way).
+  const JOIN_SAMPLES = 2.5; // a hole longer than this many sample intervals is a gap (as the server's _ECG_JOIN_SAMPLES)
+  let stripIds = 0;
+  function newStrip() { return { id: ++stripIds, segs: [], headT: null, headPerf: 0, playT: null, lastChunkMs: 1000 }; }
 
+  // Returns true when the segment was added (false: older than what the strip holds, or unreadable).
   function addSegment(strip, seg, windowS) {
     const t0 = parseT(seg.start_at);
+    if (t0 === null || !seg.samples_mv || !seg.samples_mv.length) return false;
     const rows = Array.isArray(seg.samples_mv[0]) ? seg.samples_mv : [seg.samples_mv];
     const leads = seg.leads || [seg.lead];
     const leadOff = Array.isArray(seg.lead_off) ? seg.lead_off : [seg.lead_off];
     const n = rows[0].length;
     const s = { t0: t0, fs: seg.fs_hz, rows: rows, leads: leads, leadOff: leadOff, gapBefore: !!seg.gap_before };
     s.t1 = t0 + (1000 * n) / s.fs;
+    if (strip.headT !== null && t0 < strip.headT - (JOIN_SAMPLES * 1000) / s.fs) return false;
     strip.segs.push(s);
     const keepFrom = s.t1 - (windowS + 2) * 1000;
     while (strip.segs.length > 1 && strip.segs[0].t1 < keepFrom) strip.segs.shift();
-    if (strip.headT === null || s.t1 > strip.headT) {
-      strip.headT = s.t1;
-      strip.headPerf = performance.now();
-    }
+    strip.headT = s.t1;
+    strip.headPerf = performance.now();
     strip.lastChunkMs = s.t1 - s.t0;
+    return true;
   }
 
-  // Draw one lead of a strip at clinical scale: 25 mm/s, 10 mm/mV, 1 mm / 5 mm grid, 1 mV calibration pulse.
-  // pxPerMm: CSS px per mm of the display (96 dpi assumed, calibrate with ?mm=); returns true when something was drawn.
+  // The standard grid (1 mm / 5 mm at 25 mm/s, 10 mm/mV) and the 1 mV calibration pulse, drawn once per canvas size
+  // into an image shown as the canvas's CSS background; the trace canvas itself only ever holds the trace.
+  const gridCache = new Map();
+  function gridUrl(W, H, pxmm, dpr) {
+    const key = W + "x" + H + "@" + pxmm.toFixed(4) + "/" + dpr;
+    let url = gridCache.get(key);
+    if (url) return url;
+    const c = document.createElement("canvas");
+    c.width = W; c.height = H;
+    const g = c.getContext("2d");
+    g.fillStyle = "#050607";
+    g.fillRect(0, 0, W, H);
+    for (let mm = 0, x = 0; x <= W; mm++, x = mm * pxmm) {
+      g.fillStyle = mm % 5 === 0 ? "#4a2222" : "#221212";
+      g.fillRect(Math.round(x), 0, 1, H);
+    }
+    for (let mm = 0, y = 0; y <= H; mm++, y = mm * pxmm) {
+      g.fillStyle = mm % 5 === 0 ? "#4a2222" : "#221212";
+      g.fillRect(0, Math.round(y), W, 1);
+    }
+    const baseY = H * 0.6, calX = 2 * pxmm, calW = 0.2 * 25 * pxmm, top = baseY - 10 * pxmm;
+    g.strokeStyle = "#9aa4b2";
+    g.lineWidth = 1.5 * dpr;
+    g.beginPath();
+    g.moveTo(0, baseY); g.lineTo(calX, baseY); g.lineTo(calX, top); g.lineTo(calX + calW, top);
+    g.lineTo(calX + calW, baseY); g.lineTo(calX + calW + 2 * pxmm, baseY);
+    g.stroke();
+    url = "url(" + c.toDataURL("image/png") + ")";
+    if (gridCache.size > 32) gridCache.clear();
+    gridCache.set(key, url);
+    return url;
+  }
+
+  // Draw one lead of a strip at clinical scale (25 mm/s, 10 mm/mV) like a monitor: the pen sweeps left to right
+  // and wraps, an erase bar runs ahead of it, and each call draws only the samples played since the previous call,
+  // decimated to min/max per pixel column. Gaps stay gaps: the pen lifts across missing samples and the hole is
+  // shaded and labelled, never bridged. A full redraw happens only when the canvas, the strip or the lead changes,
+  // or playback jumped. pxPerMm: CSS px per mm of the display (96 dpi assumed, calibrate with ?mm=).
+  // Returns true when the canvas is laid out (something may have been drawn).
+  // Canvas sizes come from a ResizeObserver, not from reading clientWidth in the frame loop: a layout read there
+  // would force a synchronous layout of the page whenever a text changed since the last frame.
+  const sized = new ResizeObserver((entries) => {
+    entries.forEach((e) => { e.target._cssW = e.contentRect.width; e.target._cssH = e.contentRect.height; });
+  });
   function drawStrip(canvas, strip, leadIndex, opts) {
     const dpr = window.devicePixelRatio || 1;
-    const cssW = canvas.clientWidth, cssH = canvas.clientHeight;
+    if (canvas._cssW === undefined) {
+      sized.observe(canvas);
+      canvas._cssW = canvas.clientWidth;
+      canvas._cssH = canvas.clientHeight;
+    }
+    const cssW = Math.round(canvas._cssW), cssH = Math.round(canvas._cssH);
     if (!cssW || !cssH) return false;
     if (canvas.width !== Math.round(cssW * dpr) || canvas.height !== Math.round(cssH * dpr)) {
       canvas.width = Math.round(cssW * dpr);
       canvas.height = Math.round(cssH * dpr);
     }
     const pxmm = opts.pxPerMm * dpr;
-    const ctx = canvas.getContext("2d");
     const W = canvas.width, H = canvas.height;
-    ctx.fillStyle = "#050607";
-    ctx.fillRect(0, 0, W, H);
-    for (let mm = 0, x = 0; x <= W; mm++, x = mm * pxmm) {
-      ctx.fillStyle = mm % 5 === 0 ? "#4a2222" : "#221212";
-      ctx.fillRect(Math.round(x), 0, 1, H);
+    const key = W + "x" + H + "@" + pxmm + "/" + dpr;
+    let st = canvas._ecg;
+    if (!st || st.key !== key) {
+      const url = gridUrl(W, H, pxmm, dpr);
+      canvas.style.backgroundImage = url;
+      canvas.style.backgroundSize = cssW + "px " + cssH + "px";
+      st = canvas._ecg = { key: key, ctx: canvas.getContext("2d"), stripId: null, lead: null, lastT: null, pen: null };
     }
-    for (let mm = 0, y = 0; y <= H; mm++, y = mm * pxmm) {
-      ctx.fillStyle = mm % 5 === 0 ? "#4a2222" : "#221212";
-      ctx.fillRect(0, Math.round(y), W, 1);
+    const ctx = st.ctx;
+    const x0 = Math.round(2 * pxmm + 0.2 * 25 * pxmm + 3 * pxmm);
+    const spanPx = W - x0;
+    if (spanPx <= 0) return true;
+    const pxPerMs = (25 * pxmm) / 1000;
+    const spanMs = spanPx / pxPerMs;
+    const eraseMs = Math.max(8 * dpr, 4 * pxmm) / pxPerMs; // the erase bar: 4 mm ahead of the pen
+    const fresh = st.stripId !== strip.id || st.lead !== leadIndex;
+    if (!strip.segs.length || strip.headT === null) {
+      if (fresh || st.lastT !== null) ctx.clearRect(0, 0, W, H);
+      st.stripId = strip.id; st.lead = leadIndex; st.lastT = null; st.pen = null;
+      return true;
     }
-    const baseY = H * 0.6;
-    const yOf = (mv) => baseY - mv * 10 * pxmm;
-    const calX = 2 * pxmm, calW = 0.2 * 25 * pxmm;
-    ctx.strokeStyle = "#9aa4b2";
-    ctx.lineWidth = 1.5 * dpr;
-    ctx.beginPath();
-    ctx.moveTo(0, baseY); ctx.lineTo(calX, baseY); ctx.lineTo(calX, yOf(1)); ctx.lineTo(calX + calW, yOf(1));
-    ctx.lineTo(calX + calW, baseY); ctx.lineTo(calX + calW + 2 * pxmm, baseY);
-    ctx.stroke();
-    if (!strip.segs.length || strip.headT === null) return true;
     const lag = Math.min(strip.lastChunkMs || 1000, 2000) + 300;
     let playT = strip.headT - lag + (performance.now() - strip.headPerf);
     playT = Math.min(playT, strip.headT);
     if (strip.playT !== null && playT < strip.playT && strip.playT <= strip.headT) playT = strip.playT;
     strip.playT = playT;
-    const x0 = calX + calW + 3 * pxmm;
-    const spanMs = ((W - x0) / pxmm / 25) * 1000;
-    const tStart = playT - spanMs;
-    const xOf = (t) => x0 + ((t - tStart) / 1000) * 25 * pxmm;
-    ctx.strokeStyle = "#39ff6a";
-    ctx.lineWidth = 2 * dpr;
-    ctx.beginPath();
-    let pen = false, prevEnd = null;
-    const holes = [];
-    for (const s of strip.segs) {
-      if (s.t1 < tStart || s.t0 > playT) { prevEnd = s.t1; continue; }
-      const row = s.rows[Math.min(leadIndex, s.rows.length - 1)];
-      const dt = 1000 / s.fs;
-      if (prevEnd !== null && (s.gapBefore || s.t0 - prevEnd > 2.5 * dt)) {
-        pen = false; // a gap stays a gap: never a line across missing samples
-        holes.push([Math.max(prevEnd, tStart), s.t0]);
-      }
-      const i0 = Math.max(0, Math.floor((tStart - s.t0) / dt));
-      const i1 = Math.min(row.length, Math.ceil((playT - s.t0) / dt));
-      for (let i = i0; i < i1; i++) {
-        const x = xOf(s.t0 + i * dt);
-        const y = yOf(row[i]);
-        if (pen) ctx.lineTo(x, y); else { ctx.moveTo(x, y); pen = true; }
-      }
-      prevEnd = s.t0 + (i1 - 1) * dt + dt;
+    let ta = st.lastT;
+    if (fresh || ta === null || playT < ta || playT - ta > spanMs - eraseMs) {
+      ctx.clearRect(0, 0, W, H);
+      ta = playT - spanMs + eraseMs;
+      st.pen = null;
     }
+    st.stripId = strip.id; st.lead = leadIndex; st.lastT = playT;
+    if (playT <= ta) return true;
+    sweep(ctx, strip, leadIndex, ta, playT, { x0: x0, W: W, H: H, spanPx: spanPx, pxPerMs: pxPerMs, pxmm: pxmm,
+      dpr: dpr, eraseMs: eraseMs }, st);
+    return true;
+  }
+
+  const mod = (a, n) => ((a % n) + n) % n;
+
+  // Clear the sweep positions [pa, pb) (px along the unwrapped sweep), wrapping at the right edge.
+  function clearSweep(ctx, g, pa, pb) {
+    if (pb - pa >= g.spanPx) { ctx.clearRect(g.x0, 0, g.spanPx, g.H); return; }
+    const a = Math.floor(mod(pa, g.spanPx)), len = Math.ceil(pb - pa) + 1;
+    if (a + len <= g.spanPx) ctx.clearRect(g.x0 + a, 0, len, g.H);
+    else { ctx.clearRect(g.x0 + a, 0, g.spanPx - a, g.H); ctx.clearRect(g.x0, 0, len - (g.spanPx - a), g.H); }
+  }
+
+  function fillSweep(ctx, g, pa, pb) {
+    const a = Math.floor(mod(pa, g.spanPx)), len = Math.floor(pb) - Math.floor(pa);
+    if (len <= 0) return;
+    if (a + len <= g.spanPx) ctx.fillRect(g.x0 + a, 0, len, g.H);
+    else { ctx.fillRect(g.x0 + a, 0, g.spanPx - a, g.H); ctx.fillRect(g.x0, 0, len - (g.spanPx - a), g.H); }
+  }
+
+  // Draw the samples with times in (ta, tb] and erase ahead of them.
+  function sweep(ctx, strip, leadIndex, ta, tb, g, st) {
+    const P = (t) => t * g.pxPerMs; // unwrapped sweep position (px) of a sample time
+    const lw = 2 * g.dpr;
+    clearSweep(ctx, g, P(ta) + lw, P(tb + g.eraseMs) + lw);
+    const baseY = g.H * 0.6, yScale = 10 * g.pxmm;
+    ctx.strokeStyle = "#39ff6a";
+    ctx.lineWidth = lw;
+    ctx.lineJoin = "round";
+    ctx.beginPath();
+    if (st.pen) ctx.moveTo(st.pen.x, st.pen.y);
+    let col = -1, first = 0, lo = 0, hi = 0, last = 0;
+    const flush = () => {
+      if (col < 0) return;
+      const x = g.x0 + col + 0.5;
+      if (!st.pen || col < st.pen.c) ctx.moveTo(x, first); else ctx.lineTo(x, first);
+      if (lo !== first || hi !== first) { ctx.lineTo(x, lo); ctx.lineTo(x, hi); }
+      ctx.lineTo(x, last);
+      st.pen = { x: x, y: last, c: col };
+      col = -1;
+    };
+    const holes = [];
+    let prev = null;
+    for (const s of strip.segs) {
+      const dt = 1000 / s.fs;
+      const hole = prev !== null && (s.gapBefore || s.t0 - prev.t1 > JOIN_SAMPLES * dt);
+      const prevEnd = prev === null ? null : prev.t1;
+      prev = s;
+      if (hole && prevEnd < tb && s.t0 > ta) holes.push([prevEnd, s.t0]);
+      if (s.t1 <= ta || s.t0 > tb) continue;
+      const row = s.rows[Math.min(leadIndex, s.rows.length - 1)];
+      const i0 = Math.max(0, Math.floor((ta - s.t0) / dt) + 1);
+      const i1 = Math.min(row.length, Math.floor((tb - s.t0) / dt) + 1);
+      if (hole && i0 === 0) { flush(); st.pen = null; } // a gap stays a gap: never a line across missing samples
+      for (let i = i0; i < i1; i++) {
+        const v = row[i];
+        if (v === null || v === undefined) { flush(); st.pen = null; continue; }
+        const c = Math.floor(mod(P(s.t0 + i * dt), g.spanPx));
+        const y = baseY - v * yScale;
+        if (c !== col) {
+          flush();
+          col = c; first = lo = hi = last = y;
+        } else {
+          if (y < lo) lo = y;
+          if (y > hi) hi = y;
+          last = y;
+        }
+      }
+    }
+    flush();
     ctx.stroke();
     holes.forEach(([a, b]) => {
-      const xa = Math.max(x0, xOf(a)), xb = Math.min(W, xOf(b));
-      if (xb <= xa) return;
-      ctx.fillStyle = "rgba(255, 214, 10, 0.18)";
-      ctx.fillRect(xa, 0, xb - xa, H);
-      ctx.fillStyle = "#ffd60a";
-      ctx.font = Math.round(14 * dpr) + "px sans-serif";
-      if (xb - xa > 30 * dpr) ctx.fillText("GAP", xa + 4 * dpr, 18 * dpr);
+      const from = Math.max(a, ta), to = Math.min(b, tb);
+      if (to > from) {
+        ctx.fillStyle = "rgba(255, 214, 10, 0.18)";
+        fillSweep(ctx, g, P(from), P(to));
+      }
+      // the label once the sweep has passed it, so that the erase bar never cuts it
+      const labelPx = 34 * g.dpr, at = a + labelPx / g.pxPerMs;
+      if ((b - a) * g.pxPerMs > labelPx && at > ta && at <= tb) {
+        const x = g.x0 + mod(P(a), g.spanPx);
+        if (x + labelPx <= g.W) {
+          ctx.fillStyle = "#ffd60a";
+          ctx.font = Math.round(14 * g.dpr) + "px sans-serif";
+          ctx.fillText("GAP", x + 4 * g.dpr, 18 * g.dpr);
+        }
+      }
     });
-    return true;
   }
 
   function stripState(strip, leadIndex, lost, offline) {

@@ -133,19 +133,16 @@
     });
   }
 
-  let lastDraw = 0;
-  function frame(ts) {
-    if (ts - lastDraw >= 33) {
-      lastDraw = ts;
-      const leads = G.stripLeads(strip);
-      q("ecg-strips").querySelectorAll(".ecg-wrap").forEach((w) => {
-        const c = w.querySelector("canvas");
-        const i = Number(c.dataset.lead);
-        G.drawStrip(c, strip, i, { pxPerMm: PXMM });
-        G.setText(w.querySelector(".ecg-label"), leads.length ? "Lead " + leads[Math.min(i, leads.length - 1)] : "");
-        G.setText(w.querySelector(".ecg-state"), G.stripState(strip, i, card && card.ecg_lost, card && card.availability === "offline"));
-      });
-    }
+  // One animation-frame loop for every lead shown; each strip draws only what was played since the last frame.
+  function frame() {
+    const leads = G.stripLeads(strip);
+    q("ecg-strips").querySelectorAll(".ecg-wrap").forEach((w) => {
+      const c = w.querySelector("canvas");
+      const i = Number(c.dataset.lead);
+      G.drawStrip(c, strip, i, { pxPerMm: PXMM });
+      G.setText(w.querySelector(".ecg-label"), leads.length ? "Lead " + leads[Math.min(i, leads.length - 1)] : "");
+      G.setText(w.querySelector(".ecg-state"), G.stripState(strip, i, card && card.ecg_lost, card && card.availability === "offline"));
+    });
     window.requestAnimationFrame(frame);
   }
 

@@ -76,15 +76,11 @@
   wrap.append(canvas, label, state);
   q("ecg-strips").appendChild(wrap);
 
-  let lastDraw = 0;
-  function frame(ts) {
-    if (ts - lastDraw >= 33) {
-      lastDraw = ts;
-      G.drawStrip(canvas, strip, lead, { pxPerMm: PXMM });
-      const leads = G.stripLeads(strip);
-      G.setText(label, leads.length ? "Lead " + leads[Math.min(lead, leads.length - 1)] + "  25 mm/s" : "");
-      G.setText(state, G.stripState(strip, lead, card && card.ecg_lost, card && card.availability === "offline"));
-    }
+  function frame() {
+    G.drawStrip(canvas, strip, lead, { pxPerMm: PXMM });
+    const leads = G.stripLeads(strip);
+    G.setText(label, leads.length ? "Lead " + leads[Math.min(lead, leads.length - 1)] + "  25 mm/s" : "");
+    G.setText(state, G.stripState(strip, lead, card && card.ecg_lost, card && card.availability === "offline"));
     window.requestAnimationFrame(frame);
   }
 

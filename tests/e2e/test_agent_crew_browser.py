@@ -11,15 +11,8 @@ board, acknowledged.  Screenshots go to ``artifacts/`` (gitignored).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import itertools
-import json
-import re
-import shutil
 import socket
-import subprocess
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +21,6 @@ from typing import Any
 import aiomqtt
 import pytest
 import uvicorn
-import websockets
 from conftest import chromium_binary
 
 from ambulance_agent.app import Agent
@@ -53,6 +45,8 @@ from dispatch.hospitals import HospitalRegistry
 from dispatch.service import DispatchService
 from hospital_board.main import create_app as create_board_app
 from hospital_board.settings import BoardSettings
+from simulators import browser
+from simulators.browser import DevTools
 from telemetry.ingest import Ingest
 from telemetry.store import open_store
 
@@ -66,136 +60,32 @@ HOSPITAL = "MC-CCM"
 NOTE = 'Chest pain 40 min <img src=x onerror="window.__pwned=1"> & `x`'
 
 
-class Cdp:
-    """A small DevTools-protocol client (flattened sessions), after tests/e2e/test_board_browser.py."""
-
-    def __init__(self, ws: websockets.ClientConnection) -> None:
-        self.ws = ws
-        self.ids = itertools.count(1)
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(websockets.ConnectionClosed):
-            async for raw in self.ws:
-                message = json.loads(raw)
-                future = self.pending.pop(message.get("id", -1), None)
-                if future is not None and not future.done():
-                    future.set_result(message)
-                elif "id" not in message:
-                    await self.events.put(message)
-
-    async def call(self, method: str, session: str | None = None, **params: Any) -> Any:
-        call_id = next(self.ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.pending[call_id] = future
-        message: dict[str, Any] = {"id": call_id, "method": method, "params": params}
-        if session:
-            message["sessionId"] = session
-        await self.ws.send(json.dumps(message))
-        async with asyncio.timeout(20):
-            reply = await future
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    async def evaluate(self, session: str, expression: str, timeout_s: float = 20) -> Any:
-        async with asyncio.timeout(timeout_s):
-            result = await self.call(
-                "Runtime.evaluate", session, expression=expression, awaitPromise=True, returnByValue=True
-            )
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page error: {result['exceptionDetails'].get('text')}")
-        return result["result"].get("value")
+class Cdp(DevTools):
+    """The shared DevTools client (:mod:`simulators.browser`) with the crew screen's touch helpers; waits default
+    to 20 s (the agent's first connection can take a while)."""
 
     async def wait_in_page(self, session: str, condition_js: str, timeout_s: float = 20) -> Any:
-        """Resolve when ``condition_js`` is truthy, checked on every animation frame in the page (no sleeps)."""
-        expression = (
-            "new Promise((resolve) => { const check = () => { let v = false; try { v = (" + condition_js + "); }"
-            " catch (e) { v = false; } if (v) resolve(v); else requestAnimationFrame(check); }; check(); })"
-        )
-        return await self.evaluate(session, expression, timeout_s=timeout_s)
-
-    async def open_page(self, url: str, width: int, height: int) -> str:
-        target = await self.call("Target.createTarget", url="about:blank")
-        session = (await self.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
-        await self.call(
-            "Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1, mobile=False
-        )
-        await self.call("Page.enable", session)
-        await self.call("Page.navigate", session, url=url)
-        async with asyncio.timeout(20):
-            while (await self.events.get()).get("method") != "Page.loadEventFired":
-                pass
-        return session
+        return await super().wait_in_page(session, condition_js, timeout_s)
 
     async def tap(self, session: str, selector_js: str) -> None:
-        """A real touch-sized mouse click at the centre of the element."""
-        await self.evaluate(session, f"({selector_js}).scrollIntoView({{block: 'center'}})")
-        box = await self.evaluate(
-            session,
-            "(() => { const r = (" + selector_js + ").getBoundingClientRect();"
-            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()",
-        )
-        for kind in ("mousePressed", "mouseReleased"):
-            await self.call(
-                "Input.dispatchMouseEvent", session, type=kind, x=box["x"], y=box["y"], button="left", clickCount=1
-            )
+        """A real touch-sized mouse click at the centre of the element, scrolled into view first."""
+        await self.click(session, selector_js, scroll=True)
 
     async def type_into(self, session: str, selector_js: str, text: str) -> None:
         await self.tap(session, selector_js)
-        await self.call("Input.insertText", session, text=text)
+        await self.insert_text(session, text)
 
-    async def screenshot(self, session: str, name: str) -> None:
+    async def shot(self, session: str, name: str) -> None:
+        """A screenshot of the top of the page, saved as ``artifacts/<name>``."""
         await self.evaluate(session, "window.scrollTo(0, 0)")
-        shot = await self.call("Page.captureScreenshot", session, format="png")
-        ARTIFACTS.mkdir(exist_ok=True)
-        await asyncio.to_thread((ARTIFACTS / name).write_bytes, base64.b64decode(shot["data"]))
+        await self.screenshot(session, ARTIFACTS / name)
 
 
 @contextlib.asynccontextmanager
 async def chromium() -> AsyncIterator[Cdp]:
-    profile = tempfile.mkdtemp(prefix="gh-crew-chromium-")
-    proc = await asyncio.create_subprocess_exec(
-        chromium_binary(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--remote-debugging-port=0",
-        f"--user-data-dir={profile}",
-        "about:blank",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stderr.readline()).decode(errors="replace")
-                if not line:
-                    raise RuntimeError("chromium exited before opening DevTools")
-                if match := re.search(r"DevTools listening on (ws://\S+)", line):
-                    break
-        async with websockets.connect(match.group(1), max_size=64 * 1024 * 1024) as ws:
-            cdp = Cdp(ws)
-            try:
-                yield cdp
-            finally:
-                cdp.reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await cdp.reader
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        async with asyncio.timeout(10):
-            await proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
+    async with browser.chromium(binary=chromium_binary(), window=None, client=Cdp, profile_prefix="gh-crew-") as cdp:
+        assert isinstance(cdp, Cdp)
+        yield cdp
 
 
 @contextlib.asynccontextmanager
@@ -287,7 +177,7 @@ async def test_crew_screen_status_and_prealert_reach_dispatch_and_board_and_the_
         async with background(watch(), agent.run(), screen.serve()), chromium() as cdp:
             await screen.wait_started()
             await agent.link.wait_connected(15)
-            crew = await cdp.open_page(screen.url, width=1280, height=800)  # the cab's tablet
+            crew = await cdp.open_page(screen.url, width=1280, height=800, timeout_s=20)  # the cab's tablet
             await cdp.wait_in_page(crew, "document.querySelector('#link-state').textContent === 'CONNECTED'")
             # gloves: every button is at least 64 px in both directions
             smallest = await cdp.evaluate(
@@ -338,7 +228,7 @@ async def test_crew_screen_status_and_prealert_reach_dispatch_and_board_and_the_
                 "document.querySelector('.alert [data-stage=stored]').classList.contains('done')",
                 timeout_s=30,
             )
-            await cdp.screenshot(crew, "crew-screen-1280x800-sent.png")
+            await cdp.shot(crew, "crew-screen-1280x800-sent.png")
 
             # The ED acknowledges.  The board app now signs its staff in with dispatch-issued tokens (another
             # engineer's work in progress), so the staff's acknowledgement is published here exactly as the board's
@@ -370,7 +260,7 @@ async def test_crew_screen_status_and_prealert_reach_dispatch_and_board_and_the_
                 " imgs: document.querySelectorAll('img').length,"
                 " pwned: window.__pwned === undefined ? null : window.__pwned}))()",
             )
-            await cdp.screenshot(crew, "crew-screen-1280x800-acknowledged.png")
+            await cdp.shot(crew, "crew-screen-1280x800-acknowledged.png")
             agent.stop()
     await store.close()
     agent.close()

@@ -39,6 +39,7 @@ def test_bench_tiny_run_prints_every_figure(tmp_path: Path, capsys: pytest.Captu
         "vitals p99 at plain SSE clients [ms]",
         "frame rate, slowest board [rAF/s]",
         "ECG strip redraws, median board [/s]",
+        "board frame loop (strips), median [ms per s]",
         "CPU board service [% of a core]",
         "baseline 1x1",
         "run 2x3",

@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
-import json
-import re
-import shutil
 import socket
-import subprocess
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -27,7 +21,6 @@ from typing import Any
 import aiomqtt
 import pytest
 import uvicorn
-import websockets
 import wfdb
 from conftest import chromium_binary
 
@@ -53,6 +46,8 @@ from broker_config import (
 from broker_config.identity import ACCESS_COOKIE, Role, generate_signing_key, issue_token, verify_key_text
 from hospital_board.main import BoardRuntime, create_app
 from hospital_board.settings import BoardSettings
+from simulators import browser
+from simulators.browser import DevTools
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -64,53 +59,14 @@ BOARD_SESSIONS: dict[str, str] = {}
 NOTE = 'Name <unknown>, SpO2 88% & St Mary\'s "ward" `x` <img src=x onerror="window.__pwned=1">'
 
 
-class Cdp:
-    """A minimal DevTools-protocol client over one browser WebSocket (flattened sessions)."""
-
-    def __init__(self, ws: websockets.ClientConnection) -> None:
-        self.ws = ws
-        self.ids = itertools.count(1)
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read())
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def _read(self) -> None:
-        with suppress(websockets.ConnectionClosed):
-            await self._read_all()
-
-    async def _read_all(self) -> None:
-        async for raw in self.ws:
-            message = json.loads(raw)
-            if "id" not in message:
-                await self.events.put(message)
-                continue
-            future = self.pending.pop(message["id"], None)
-            if future is not None and not future.done():
-                future.set_result(message)
-
-    async def wait_event(self, method: str, timeout_s: float = 15) -> dict[str, Any]:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                event = await self.events.get()
-                if event.get("method") == method:
-                    return event
+class Cdp(DevTools):
+    """The shared DevTools client (:mod:`simulators.browser`) that signs the browser in to a test board (its
+    HttpOnly session cookie) before it opens one of that board's pages."""
 
     async def call(self, method: str, session: str | None = None, timeout_s: float = 15, **params: Any) -> Any:
         if method == "Page.navigate":
             await self.sign_in(str(params["url"]))
-        call_id = next(self.ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.pending[call_id] = future
-        message: dict[str, Any] = {"id": call_id, "method": method, "params": params}
-        if session:
-            message["sessionId"] = session
-        await self.ws.send(json.dumps(message))
-        async with asyncio.timeout(timeout_s):
-            reply = await future
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
+        return await super().call(method, session, timeout_s, **params)
 
     async def sign_in(self, url: str) -> None:
         """Put the board's session cookie (HttpOnly, SameSite=Strict) into the browser before it opens ``url``."""
@@ -119,120 +75,14 @@ class Cdp:
                 cookie = {"name": ACCESS_COOKIE, "value": token, "url": base, "httpOnly": True, "sameSite": "Strict"}
                 await self.call("Storage.setCookies", cookies=[cookie])
 
-    async def evaluate(self, session: str, expression: str, timeout_s: float = 15) -> Any:
-        result = await self.call(
-            "Runtime.evaluate",
-            session,
-            timeout_s=timeout_s,
-            expression=expression,
-            awaitPromise=True,
-            returnByValue=True,
-        )
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page error: {result['exceptionDetails'].get('text')}")
-        return result["result"].get("value")
-
-    async def wait_in_page(self, session: str, condition_js: str, timeout_s: float = 15) -> Any:
-        """Resolve when ``condition_js`` is truthy, re-checked on every animation frame inside the page."""
-        expression = (
-            "new Promise((resolve) => { const check = () => { let v = false; try { v = (" + condition_js + "); }"
-            " catch (e) { v = false; } if (v) resolve(v); else requestAnimationFrame(check); }; check(); })"
-        )
-        return await self.evaluate(session, expression, timeout_s=timeout_s)
-
-    async def open_page(self, url: str, width: int = 1920, height: int = 1080, mobile: bool = False) -> str:
-        """A new tab at ``url`` with the given viewport; returns its session id once loaded."""
-        target = await self.call("Target.createTarget", url="about:blank")
-        session = (await self.call("Target.attachToTarget", targetId=target["targetId"], flatten=True))["sessionId"]
-        await self.call(
-            "Emulation.setDeviceMetricsOverride",
-            session,
-            width=width,
-            height=height,
-            deviceScaleFactor=1,
-            mobile=mobile,
-        )
-        await self.call("Page.enable", session)
-        await self.call("Page.navigate", session, url=url)
-        await self.wait_event("Page.loadEventFired")
-        return session
-
-    async def screenshot(self, session: str, path: Path) -> None:
-        """Save a PNG of the tab."""
-        shot = await self.call("Page.captureScreenshot", session, format="png")
-        await asyncio.to_thread(_write_png, path, base64.b64decode(shot["data"]))
-
-    async def click(self, session: str, selector_js: str) -> None:
-        """A real mouse click at the centre of the element ``selector_js`` evaluates to."""
-        box = await self.evaluate(
-            session,
-            "(() => { const r = (" + selector_js + ").getBoundingClientRect();"
-            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()",
-        )
-        for kind in ("mousePressed", "mouseReleased"):
-            await self.call(
-                "Input.dispatchMouseEvent", session, type=kind, x=box["x"], y=box["y"], button="left", clickCount=1
-            )
-
-    async def close(self) -> None:
-        self.reader.cancel()
-        with suppress(asyncio.CancelledError):
-            await self.reader
-        await self.ws.close()
-
-
-def _write_png(path: Path, data: bytes) -> None:
-    path.parent.mkdir(exist_ok=True)
-    path.write_bytes(data)
-
 
 @asynccontextmanager
 async def chromium(*extra_args: str) -> AsyncIterator[Cdp]:
     """A fresh headless Chromium; ``cdp.proc`` is its process (tests may kill it)."""
     binary = chromium_binary()
-    profile = tempfile.mkdtemp(prefix="gh-chromium-")
-    proc = await asyncio.create_subprocess_exec(
-        binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--remote-debugging-port=0",
-        f"--user-data-dir={profile}",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1920,1080",
-        *extra_args,
-        "about:blank",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stderr.readline()).decode(errors="replace")
-                if not line:
-                    raise RuntimeError("chromium exited before opening DevTools")
-                match = re.search(r"DevTools listening on (ws://\S+)", line)
-                if match:
-                    break
-        async with websockets.connect(match.group(1), max_size=64 * 1024 * 1024) as ws:
-            cdp = Cdp(ws)
-            cdp.proc = proc
-            try:
-                yield cdp
-            finally:
-                with suppress(websockets.ConnectionClosed):
-                    await cdp.close()
-    finally:
-        with suppress(ProcessLookupError):
-            proc.terminate()
-        async with asyncio.timeout(10):
-            await proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
+    async with browser.chromium(*extra_args, binary=binary, client=Cdp) as cdp:
+        assert isinstance(cdp, Cdp)
+        yield cdp
 
 
 @asynccontextmanager

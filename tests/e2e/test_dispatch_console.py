@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
-import re
-import shutil
 import socket
-import subprocess
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -26,7 +21,6 @@ from typing import Any
 import aiomqtt
 import pytest
 import uvicorn
-import websockets
 from conftest import chromium_binary
 
 from broker_config import (
@@ -50,6 +44,8 @@ from dispatch.hospitals import DATA_DIR, HospitalRegistry
 from dispatch.routing import RoadRouter
 from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
+from simulators import browser
+from simulators.browser import DevTools
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.integration]
 
@@ -59,124 +55,11 @@ UNITS = {"AMB1": (43.7440, 7.4300), "AMB2": (43.7369, 7.4210), "AMB9": None}
 NOTE = 'Name <unknown> <img src=x onerror="window.__pwned=1">'
 
 
-class Cdp:
-    """A minimal DevTools-protocol client over the browser WebSocket (flattened sessions)."""
-
-    def __init__(self, ws: websockets.ClientConnection) -> None:
-        self.ws = ws
-        self.ids = itertools.count(1)
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            message = json.loads(raw)
-            if "id" not in message:
-                await self.events.put(message)
-                continue
-            future = self.pending.pop(message["id"], None)
-            if future is not None and not future.done():
-                future.set_result(message)
-
-    async def wait_event(self, method: str, timeout_s: float = 15) -> dict[str, Any]:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                event = await self.events.get()
-                if event.get("method") == method:
-                    return event
-
-    async def call(self, method: str, session: str | None = None, timeout_s: float = 15, **params: Any) -> Any:
-        call_id = next(self.ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.pending[call_id] = future
-        message: dict[str, Any] = {"id": call_id, "method": method, "params": params}
-        if session:
-            message["sessionId"] = session
-        await self.ws.send(json.dumps(message))
-        async with asyncio.timeout(timeout_s):
-            reply = await future
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    async def evaluate(self, session: str, expression: str, timeout_s: float = 15) -> Any:
-        result = await self.call(
-            "Runtime.evaluate", session, timeout_s=timeout_s, expression=expression, awaitPromise=True,
-            returnByValue=True,
-        )  # fmt: skip
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"page error: {result['exceptionDetails'].get('text')}")
-        return result["result"].get("value")
-
-    async def wait_in_page(self, session: str, condition_js: str, timeout_s: float = 15) -> Any:
-        """Resolve when ``condition_js`` is truthy, re-checked on every animation frame inside the page."""
-        expression = (
-            "new Promise((resolve) => { const check = () => { let v = false; try { v = (" + condition_js + "); }"
-            " catch (e) { v = false; } if (v) resolve(v); else requestAnimationFrame(check); }; check(); })"
-        )
-        return await self.evaluate(session, expression, timeout_s=timeout_s)
-
-    async def click(self, session: str, x: float, y: float) -> None:
-        for kind in ("mousePressed", "mouseReleased"):
-            await self.call("Input.dispatchMouseEvent", session, type=kind, x=x, y=y, button="left", clickCount=1)
-
-    async def click_selector(self, session: str, selector: str) -> None:
-        box = await self.evaluate(
-            session,
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
-            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()",
-        )
-        await self.click(session, box["x"], box["y"])
-
-    async def close(self) -> None:
-        self.reader.cancel()
-        with suppress(asyncio.CancelledError):
-            await self.reader
-        await self.ws.close()
-
-
 @asynccontextmanager
-async def chromium() -> AsyncIterator[Cdp]:
-    profile = tempfile.mkdtemp(prefix="gh-chromium-")
-    proc = await asyncio.create_subprocess_exec(
-        chromium_binary(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--remote-debugging-port=0",
-        f"--user-data-dir={profile}",
-        "--window-size=1920,1080",
-        "about:blank",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stderr.readline()).decode(errors="replace")
-                if not line:
-                    raise RuntimeError("chromium exited before opening DevTools")
-                match = re.search(r"DevTools listening on (ws://\S+)", line)
-                if match:
-                    break
-        async with websockets.connect(match.group(1), max_size=64 * 1024 * 1024) as ws:
-            cdp = Cdp(ws)
-            try:
-                yield cdp
-            finally:
-                await cdp.close()
-    finally:
-        proc.terminate()
-        async with asyncio.timeout(10):
-            await proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
+async def chromium() -> AsyncIterator[DevTools]:
+    """A fresh headless Chromium (the shared client of :mod:`simulators.browser`)."""
+    async with browser.chromium(binary=chromium_binary()) as cdp:
+        yield cdp
 
 
 @asynccontextmanager
@@ -272,7 +155,7 @@ async def test_console_creates_incident_and_assigns_recommended_unit(
 
             # a real click on the map at the scene fills the form; the form creates the incident
             point = await cdp.evaluate(session, f"window.ghConsole.toPixel({SCENE[0]}, {SCENE[1]})")
-            await cdp.click(session, point["x"], point["y"])
+            await cdp.click_at(session, point["x"], point["y"])
             lat = float(await cdp.evaluate(session, "document.querySelector('#f-lat').value"))
             lon = float(await cdp.evaluate(session, "document.querySelector('#f-lon').value"))
             assert abs(lat - SCENE[0]) < 0.001
@@ -284,7 +167,7 @@ async def test_console_creates_incident_and_assigns_recommended_unit(
                 " document.querySelector('#f-priority').value = 'high';"
                 " document.querySelector('#f-case').value = 'stemi'; return true; })()",
             )
-            await cdp.click_selector(session, "#f-submit")
+            await cdp.click(session, "document.querySelector('#f-submit')")
             await cdp.wait_in_page(
                 session,
                 "document.querySelectorAll('#rec-units li').length === 3 &&"
@@ -306,7 +189,7 @@ async def test_console_creates_incident_and_assigns_recommended_unit(
             assert shown["imgs"] == 0
             assert shown["pwned"] is None
 
-            await cdp.click_selector(session, "#assign-best")
+            await cdp.click(session, "document.querySelector('#assign-best')")
             async with asyncio.timeout(10):
                 notice = await notices.get()
                 while notice.kind is not NoticeKind.ASSIGNMENT:

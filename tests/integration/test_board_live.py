@@ -371,7 +371,7 @@ async def alert_vitals_ecg_ack_scenario(broker: BrokerSettings, space: TopicSpac
             assert r.status_code == 200, r.text
             assert r.json()["state"] == "acknowledged"
             ack = await acks.wait_for(lambda a: a.alert_id == "a1" and a.state is AlertState.ACKNOWLEDGED)
-            assert (ack.hospital_id, ack.unit_id, ack.by_role) == ("HA", "U1", "cath_lab")
+            assert (ack.hospital_id, ack.unit_id, ack.by_role) == ("HA", "U1", "ed_staff")  # the token's role
             await feed_a.wait_for(lambda n, d: n == "alert" and d["alert"]["state"] == "acknowledged")
             assert "U2" not in feed_a.units_seen()
 

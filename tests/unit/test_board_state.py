@@ -249,6 +249,64 @@ def test_duplicate_and_historical_ecg_never_reach_the_live_strip() -> None:
     assert board.apply_ecg(replay, at(3)) == []
 
 
+def test_live_ecg_follows_sample_time_not_sequence_numbers() -> None:
+    """A chunk with a huge seq (or an agent whose sequence restarted) must not freeze the live strip."""
+    board = BoardState()
+    board.apply_alert(alert("a1", "U1"), at(0))
+    chunks = mitdb_chunks("100", 6)
+    assert board.apply_ecg(chunks[0], at(1))
+    huge = chunks[1].model_copy(update={"seq": 2**62})
+    events = board.apply_ecg(huge, at(2))
+    assert [e.kind for e in events] == [EventKind.ECG, EventKind.ECG_LEADS], "contiguous in time: no gap"
+    for i in (2, 3):
+        events = board.apply_ecg(chunks[i], at(i + 1))
+        assert [e.kind for e in events] == [EventKind.ECG, EventKind.ECG_LEADS], f"chunk {i} after the huge seq"
+        assert not events[0].payload.segment.gap_before  # type: ignore[attr-defined]
+    # a restarted agent: seq back to 0, time moving on after a hole of one chunk -> live, drawn with a hole
+    restarted = chunks[5].model_copy(update={"seq": 0})
+    events = board.apply_ecg(restarted, at(6))
+    assert [e.kind for e in events] == [EventKind.ECG, EventKind.ECG_LEADS]
+    assert events[0].payload.segment.gap_before, "a hole in sample time is drawn as a gap"  # type: ignore[attr-defined]
+    ring = board._units["U1"].ecg
+    assert [s.start_at for s in ring] == sorted(s.start_at for s in ring)
+    assert ring[-1].start_at == chunks[5].start_at
+    # older than what is shown (even with a higher seq): never drawn as live
+    late = chunks[4].model_copy(update={"seq": 7})
+    assert board.apply_ecg(late, at(7)) == []
+    assert ring[-1].start_at == chunks[5].start_at
+    card = board.snapshot("HA", at(7)).cards[0]
+    starts = [s.start_at for s in card.ecg]
+    assert starts == sorted(starts)
+    assert chunks[4].start_at not in starts
+
+
+def test_stored_trend_fills_only_where_the_board_has_none() -> None:
+    """Per-minute means from the telemetry store (hospital_board.history) merge into the in-memory trend."""
+    from hospital_board.history import points_from_bins
+    from telemetry.records import VitalsBin
+
+    board = BoardState(trend_step_s=2.0, trend_max_points=60)
+    board.apply_alert(alert("a1", "U1"), at(0))
+    board.apply_vitals(numerics_vitals("U1", 5, 575.0), at(575))  # the board's own point, in minute 9
+    bins = [VitalsBin(at(60 * m), "8867-4", "/min", 3, 80.0 + m, 79.0, 82.0 + m) for m in range(12)] + [
+        VitalsBin(at(60), "59408-5", "%", 2, 97.5, 97.0, 98.0),
+        VitalsBin(at(60), "8480-6", "kPa", 1, 16.0, 16.0, 16.0),  # not the contract's unit: skipped, never converted
+        VitalsBin(at(60), "8310-5", "Cel", 1, 37.0, 37.0, 37.0),  # a code the trend does not chart
+    ]
+    points = points_from_bins(bins, 60)
+    assert [p.at for p in points] == [at(60 * m + 30) for m in range(12)], "one point per bin, at its middle"
+    assert points[1].heart_rate_bpm == 81.0
+    assert points[1].spo2_pct == 97.5
+    assert points[1].sbp_mmhg is None, "not measured stays a hole"
+    assert points[0].spo2_pct is None, "not measured stays a hole"
+    added = board.merge_trend("U1", points, bin_s=60)
+    assert added == 11, "the minute holding the board's own point keeps the board's point"
+    trend = board._units["U1"].trend
+    assert [p.at for p in trend] == sorted(p.at for p in trend)
+    assert board.merge_trend("U1", points, bin_s=60) == 0, "merging twice adds nothing"
+    assert board.merge_trend("nobody", points, bin_s=60) == 0
+
+
 def test_cancel_and_hand_over_remove_the_card() -> None:
     board = BoardState()
     board.apply_alert(alert("a1", "U1", sent_s=0), at(0))
