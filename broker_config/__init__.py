@@ -17,6 +17,7 @@ from broker_config.codec import (
 from broker_config.codes import VITAL_CODES, VitalCode, code_for_field
 from broker_config.payloads import (
     SCHEMA_VERSION,
+    SEQ_RESTART_JUMP,
     Activation,
     ActivationState,
     AlertAck,
@@ -61,6 +62,7 @@ __all__ = [
     "Envelope",
     "Findings",
     "GapRecord",
+    "SEQ_RESTART_JUMP",
     "GpsFix",
     "HospitalAlert",
     "Notice",

@@ -49,6 +49,8 @@ from broker_config.topics import ID_PATTERN
 __all__ = [
     "ACCESS_COOKIE",
     "AUDIENCE",
+    "BOARD_ACCESS_COOKIE",
+    "BOARD_REFRESH_COOKIE",
     "HOSPITAL_BOUND_ROLES",
     "ISSUER",
     "MAX_TOKEN_BYTES",
@@ -77,6 +79,11 @@ ACCESS_COOKIE = "gh_access"
 """Cookie holding the access token for browsers (HttpOnly, SameSite=Strict, Path=/): EventSource cannot send headers."""
 REFRESH_COOKIE = "gh_refresh"
 """Cookie holding the refresh token (HttpOnly, SameSite=Strict, Path=/api/auth: sent to nothing else)."""
+BOARD_ACCESS_COOKIE = "gh_board_access"
+BOARD_REFRESH_COOKIE = "gh_board_refresh"
+"""The ED board's own cookie names.  Cookies are scoped by host, not port (RFC 6265 section 8.5): with dispatch and
+the board on one host (the demo; a small hospital's server), shared names let a sign-in on one replace the other's
+session (an ``ed`` sign-in on the board turned the dispatcher's console into ``ed``)."""
 ISSUER = "goldenhour-dispatch"
 AUDIENCE = "goldenhour"
 MAX_TOKEN_BYTES = 4096

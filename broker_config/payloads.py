@@ -21,6 +21,7 @@ from broker_config.topics import ID_PATTERN
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SEQ_RESTART_JUMP",
     "Activation",
     "ActivationState",
     "AlertAck",
@@ -158,6 +159,9 @@ class EcgChunk(Envelope):
     samples: np.ndarray
     lead_off: tuple[bool, ...] = ()
     """Per lead: the device reported the electrode off (flagged, never hidden).  Empty = not reported."""
+    saturated: tuple[bool, ...] = ()
+    """Per lead: a sample of this chunk sits at the ADC's rail (clipped; the samples are sent unaltered, flagged,
+    never hidden).  Empty = not reported."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
@@ -181,6 +185,8 @@ class EcgChunk(Envelope):
             raise ValueError("samples must have one row per lead")
         if self.lead_off and len(self.lead_off) != len(self.leads):
             raise ValueError("lead_off must be empty or one flag per lead")
+        if self.saturated and len(self.saturated) != len(self.leads):
+            raise ValueError("saturated must be empty or one flag per lead")
         return self
 
     @property
@@ -391,6 +397,12 @@ class StoreReceipt(Envelope):
 
     stored_through_seq: dict[Annotated[str, Field(max_length=16)], Annotated[int, Field(ge=-1)]]
     stored_at: UtcDatetime
+
+
+SEQ_RESTART_JUMP = 100_000
+"""A forward jump of more seqs than this is a sequence restart (a new outbox seeded from the clock), not a gap: at
+the fastest gap-tracked stream (one message a second) it is more than a day of data, while a clock-seeded counter
+jumps by about 10**15.  The store and the board both judge a jump by it."""
 
 
 class GapRecord(Envelope):

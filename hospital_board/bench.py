@@ -564,7 +564,7 @@ def board_access(hospital_id: str) -> tuple[dict[str, Any], dict[str, Any] | Non
 
     if "verify_keys" not in BoardSettings.model_fields:
         return {}, None, {}
-    from broker_config.identity import ACCESS_COOKIE, Role, generate_signing_key, issue_token, verify_key_text
+    from broker_config.identity import BOARD_ACCESS_COOKIE, Role, generate_signing_key, issue_token, verify_key_text
 
     key = generate_signing_key()
     token, _ = issue_token(
@@ -572,7 +572,7 @@ def board_access(hospital_id: str) -> tuple[dict[str, Any], dict[str, Any] | Non
     )
     overrides = {"security_mode": "development", "verify_keys": [verify_key_text(key)]}
     cookie = {
-        "name": ACCESS_COOKIE,
+        "name": BOARD_ACCESS_COOKIE,
         "value": token,
         "domain": "127.0.0.1",
         "path": "/",

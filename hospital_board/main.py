@@ -59,7 +59,7 @@ from starlette.background import BackgroundTask
 
 from broker_config import AlertState, Department, TopicSpace, utc_now
 from broker_config.connection import MqttLink, NotConnectedError
-from broker_config.identity import ACCESS_COOKIE, REFRESH_COOKIE, Claims, Role, TokenError, verify_token
+from broker_config.identity import BOARD_ACCESS_COOKIE, BOARD_REFRESH_COOKIE, Claims, Role, TokenError, verify_token
 from broker_config.topics import ID_PATTERN
 from broker_config.web import BodyLimitMiddleware
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, RouteInfo
@@ -680,11 +680,11 @@ def create_app(
             raise HTTPException(502, "sign-in answer not verifiable") from None
         secure = rt.security.cookie_secure
         response.set_cookie(
-            ACCESS_COOKIE, token, max_age=expires_in, path="/", secure=secure, httponly=True, samesite="strict"
+            BOARD_ACCESS_COOKIE, token, max_age=expires_in, path="/", secure=secure, httponly=True, samesite="strict"
         )
         if refresh:
             response.set_cookie(
-                REFRESH_COOKIE, str(refresh), max_age=refresh_in, path="/api/auth", secure=secure, httponly=True,
+                BOARD_REFRESH_COOKIE, str(refresh), max_age=refresh_in, path="/api/auth", secure=secure, httponly=True,
                 samesite="strict",
             )  # fmt: skip
         response.headers["Cache-Control"] = "no-store"
@@ -692,8 +692,8 @@ def create_app(
 
     def clear_cookies(rt: BoardRuntime, response: Response) -> None:
         secure = rt.security.cookie_secure
-        response.delete_cookie(ACCESS_COOKIE, path="/", secure=secure, httponly=True, samesite="strict")
-        response.delete_cookie(REFRESH_COOKIE, path="/api/auth", secure=secure, httponly=True, samesite="strict")
+        response.delete_cookie(BOARD_ACCESS_COOKIE, path="/", secure=secure, httponly=True, samesite="strict")
+        response.delete_cookie(BOARD_REFRESH_COOKIE, path="/api/auth", secure=secure, httponly=True, samesite="strict")
 
     def end_session(rt: BoardRuntime, request: Request) -> None:
         try:
@@ -733,7 +733,7 @@ def create_app(
 
     @app.post("/api/auth/refresh", response_model=PrincipalPublic, responses={401: {}, 503: {}})
     async def refresh(rt: RuntimeDep, request: Request, response: Response) -> Any:
-        token = request.cookies.get(REFRESH_COOKIE)
+        token = request.cookies.get(BOARD_REFRESH_COOKIE)
         if not token:
             raise HTTPException(401, "no session")
         code, answer = await forward(rt, "refresh", {"refresh_token": token})
@@ -746,7 +746,7 @@ def create_app(
 
     @app.post("/api/auth/logout", status_code=204, response_model=None)
     async def logout(rt: RuntimeDep, request: Request, response: Response) -> None:
-        token = request.cookies.get(REFRESH_COOKIE)
+        token = request.cookies.get(BOARD_REFRESH_COOKIE)
         end_session(rt, request)  # the access token stops working here at once
         if token and rt.directory.configured:
             await forward(rt, "logout", {"refresh_token": token})

@@ -139,7 +139,8 @@ class GapPublic(_Public):
 
     ``source``: ``board`` (this board saw the jump) or ``store`` (the telemetry store's GapRecord).  For ECG the
     board adds the time span when it knows the chunks on both sides (``start_at`` = end of the last chunk before,
-    ``end_at`` = start of the first chunk after).
+    ``end_at`` = start of the first chunk after).  ``restart``: the unit's sequence restarted (a new outbox, jump
+    beyond :data:`broker_config.SEQ_RESTART_JUMP`): the loss is unknown and the range counts nothing.
     """
 
     stream: str
@@ -149,6 +150,7 @@ class GapPublic(_Public):
     detected_at: datetime
     start_at: datetime | None = None
     end_at: datetime | None = None
+    restart: bool = False
 
 
 class TrendPointPublic(_Public):

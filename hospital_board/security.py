@@ -1,8 +1,9 @@
 """The board's side of security: who is looking, may they, and the audit of what they saw.
 
 * Tokens are dispatch's (:mod:`broker_config.identity`); the board holds only the public key(s) to verify them.
-* Browsers carry the access token in the ``gh_access`` cookie (HttpOnly, SameSite=Strict, Path=/), set by the
-  board's own ``POST /api/auth/login``, which forwards the sign-in to dispatch.  A cookie and not a stream ticket
+* Browsers carry the access token in the board's own ``gh_board_access`` cookie (HttpOnly, SameSite=Strict,
+  Path=/; not dispatch's name, see ``broker_config.identity.BOARD_ACCESS_COOKIE``), set by the board's own
+  ``POST /api/auth/login``, which forwards the sign-in to dispatch.  A cookie and not a stream ticket
   in the query string, because ``EventSource`` cannot send an ``Authorization`` header, query strings end up in
   access logs and browser history, and an HttpOnly cookie is out of reach of any script (the strict CSP already
   forbids inline script).  SameSite=Strict keeps the cookie off cross-site requests; state-changing requests must
@@ -39,7 +40,7 @@ from fastapi import Depends, HTTPException, Request, status
 
 from broker_config import utc_now
 from broker_config.identity import (
-    ACCESS_COOKIE,
+    BOARD_ACCESS_COOKIE,
     Claims,
     RevokedSessions,
     Role,
@@ -132,7 +133,7 @@ def viewer_or_none(request: Request) -> Viewer | None:
     scheme, _, token = header.partition(" ")
     from_cookie = not header
     if from_cookie:
-        token = request.cookies.get(ACCESS_COOKIE, "")
+        token = request.cookies.get(BOARD_ACCESS_COOKIE, "")
     elif scheme.lower() != "bearer":
         return None
     if not token or not security.verify_keys:

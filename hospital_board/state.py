@@ -40,6 +40,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from broker_config import (
+    SEQ_RESTART_JUMP,
     Activation,
     ActivationState,
     AlertAck,
@@ -855,6 +856,7 @@ class BoardState:
                 detected_at=now_at,
                 start_at=prev.end_at if prev is not None else None,
                 end_at=chunk.start_at,
+                restart=chunk.seq - unit.last_ecg_seq > SEQ_RESTART_JUMP,
             )
             events.extend(self._record_gap(unit, gap, hospitals, now_at))
         unit.last_ecg_seq = chunk.seq
@@ -916,6 +918,7 @@ class BoardState:
             detected_at=msg.detected_at,
             start_at=start_at,
             end_at=end_at,
+            restart=msg.restart,
         )
         return self._record_gap(unit, gap, self.hospitals_of(msg.unit_id), now_at)
 

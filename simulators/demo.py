@@ -172,6 +172,7 @@ async def run_demo(options: DemoOptions, on_ready: Callable[[DemoRunning], None]
             verify_keys=(security.verify_key_text,),
             dispatch_client_id="board",
             dispatch_client_secret=board_secret,
+            telemetry_database_url=database_url,  # trends since first contact survive a board restart
         )
         servers = [
             _server(create_dispatch_app(service=dispatch, security=security), options.host, dispatch_port),

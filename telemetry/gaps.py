@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from broker_config import Stream
+from broker_config import SEQ_RESTART_JUMP, Stream
 
 __all__ = ["DEFAULT_RESTART_JUMP", "Arrival", "GapTracker", "Observation"]
 
@@ -41,9 +41,9 @@ class Arrival(StrEnum):
     """A forward jump larger than the tracker's ``restart_jump``: the sender's counters restarted (unknown loss)."""
 
 
-DEFAULT_RESTART_JUMP = 100_000
-"""A forward jump of more seqs than this is a sequence restart, not a gap: at the fastest gap-tracked stream (one
-message a second) it is more than a day of data, while a wall-clock-seeded counter jumps by about 10^15."""
+DEFAULT_RESTART_JUMP = SEQ_RESTART_JUMP
+"""A forward jump of more seqs than this is a sequence restart, not a gap (the contract's
+:data:`broker_config.SEQ_RESTART_JUMP`)."""
 
 
 @dataclass(frozen=True, slots=True)

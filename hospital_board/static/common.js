@@ -109,8 +109,24 @@ window.GH = (function () {
   function toLogin() {
     location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
   }
+  // Every tab of this board shares the cookies, and a refresh token presented twice revokes the whole session
+  // (reuse detection): tabs take turns (Web Locks), and a tab whose turn comes after another tab's refresh finds a
+  // fresh token through /me and does not present the rotated one.
+  const FRESH_MS = 180000;
   async function refreshSession() {
+    const turn = () => refreshOnce();
     try {
+      if (navigator.locks) await navigator.locks.request("goldenhour-board-session", turn);
+      else await turn();
+    } catch (e) { scheduleRetry(); }
+  }
+  async function refreshOnce() {
+    try {
+      const me = await fetch("/api/auth/me", { credentials: "same-origin" });
+      if (me.ok) {
+        const body = await me.json();
+        if (Date.parse(body.expires_at) - Date.now() > FRESH_MS) { scheduleRefresh(body.expires_at); return; }
+      }
       const res = await fetch("/api/auth/refresh", { method: "POST", credentials: "same-origin" });
       if (res.status === 401) {
         // another tab may have rotated the cookie a moment ago: believe the server's /me before leaving

@@ -319,10 +319,18 @@
       li.appendChild(G.el("span", "tl-src", e.source));
       ol.appendChild(li);
     });
-    const ecgGaps = gaps.filter((g) => g.stream === "ecg");
-    const other = gaps.length - ecgGaps.length;
-    G.setText(q("gaps"), gaps.length ? "Data gaps: " + ecgGaps.length + " in ECG" + (other ? ", " + other + " in vitals/GPS" : "") +
-      " (shown as holes, never interpolated)" : "");
+    const restarts = gaps.filter((g) => g.restart).length;
+    const holes = gaps.filter((g) => !g.restart);
+    const ecgGaps = holes.filter((g) => g.stream === "ecg");
+    const other = holes.length - ecgGaps.length;
+    const parts = [];
+    if (holes.length) {
+      parts.push("Data gaps: " + ecgGaps.length + " in ECG" + (other ? ", " + other + " in vitals/GPS" : "") +
+        " (shown as holes, never interpolated)");
+    }
+    // a unit whose outbox was replaced starts new sequence numbers: what was lost before it is unknown, not counted
+    if (restarts) parts.push("Sequence restarted " + restarts + "x (data lost before it: unknown)");
+    G.setText(q("gaps"), parts.join(" · "));
   }
 
   async function loadTimeline() {

@@ -43,7 +43,7 @@ from broker_config import (
     decode_as,
     encode,
 )
-from broker_config.identity import ACCESS_COOKIE, Role, generate_signing_key, issue_token, verify_key_text
+from broker_config.identity import BOARD_ACCESS_COOKIE, Role, generate_signing_key, issue_token, verify_key_text
 from hospital_board.main import BoardRuntime, create_app
 from hospital_board.settings import BoardSettings
 from simulators import browser
@@ -72,7 +72,13 @@ class Cdp(DevTools):
         """Put the board's session cookie (HttpOnly, SameSite=Strict) into the browser before it opens ``url``."""
         for base, token in BOARD_SESSIONS.items():
             if url.startswith(base):
-                cookie = {"name": ACCESS_COOKIE, "value": token, "url": base, "httpOnly": True, "sameSite": "Strict"}
+                cookie = {
+                    "name": BOARD_ACCESS_COOKIE,
+                    "value": token,
+                    "url": base,
+                    "httpOnly": True,
+                    "sameSite": "Strict",
+                }
                 await self.call("Storage.setCookies", cookies=[cookie])
 
 

@@ -74,13 +74,16 @@ async def board_client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def sign_in(client: httpx.AsyncClient, running: DemoRunning) -> None:
-    """Sign in on the board as the demo's ED staff account; the HttpOnly session cookies land in the client's jar
-    (and reach dispatch too: cookies are per host, not per port)."""
+    """Sign in as the demo's ED staff account on the board and on dispatch: each service has its own HttpOnly
+    session cookies (cookies are per host, not per port, so the names differ), both kept in the client's jar."""
     base = running.board_url.split("/?")[0]
     ed = next(a for a in running.accounts if a.role is Role.ED_STAFF)
-    response = await client.post(f"{base}/api/auth/login", json={"username": ed.username, "password": ed.password})
+    credentials = {"username": ed.username, "password": ed.password}
+    response = await client.post(f"{base}/api/auth/login", json=credentials)
     assert response.status_code == 200, response.text
     assert response.json()["hospital_id"] == DEMO_HOSPITAL_ID
+    response = await client.post(f"{running.dispatch_url}/api/auth/login", json=credentials)
+    assert response.status_code == 200, response.text
 
 
 async def wait_for_board(client: httpx.AsyncClient, running: DemoRunning, timeout_s: float) -> dict[str, object]:

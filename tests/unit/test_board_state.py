@@ -18,6 +18,7 @@ from broker_config import (
     CrewStatus,
     EcgChunk,
     Findings,
+    GapRecord,
     GpsFix,
     HospitalAlert,
     Priority,
@@ -394,3 +395,26 @@ def test_prune_forgets_closed_alerts_and_idle_units() -> None:
     with pytest.raises(UnknownAlertError):
         board.alert("a1")
     assert board.inbound_units("HA") == ["U2"]
+
+
+def test_a_sequence_restart_is_shown_as_unknown_loss_not_a_count() -> None:
+    """A replaced outbox starts at a clock-seeded seq: the jump is a restart, not 10**15 missing chunks."""
+    board = BoardState()
+    board.apply_alert(alert("a1", "U1"), at(0))
+    chunks = mitdb_chunks("100", 4)
+    assert board.apply_ecg(chunks[0], at(1))
+    # two chunks lost with the old outbox, then the new one's first chunk: a hole in time and a huge jump in seq
+    reseeded = chunks[3].model_copy(update={"seq": 1_764_000_000_000_000})
+    events = board.apply_ecg(reseeded, at(4))
+    gaps = [e.payload.gap for e in events if e.kind is EventKind.GAP]  # type: ignore[attr-defined]
+    assert len(gaps) == 1
+    assert gaps[0].restart
+    assert gaps[0].source == "board"
+    stored = GapRecord(
+        unit_id="U1", seq=0, sent_at=at(5), stream="ecg", from_seq=9, to_seq=12, detected_at=at(5), restart=False
+    )
+    (event,) = [e for e in board.apply_gap(stored, at(5)) if e.kind is EventKind.GAP]
+    assert not event.payload.gap.restart  # type: ignore[attr-defined]
+    restart = stored.model_copy(update={"from_seq": 13, "to_seq": 1_764_000_000_000_000 - 1, "restart": True})
+    (event,) = [e for e in board.apply_gap(restart, at(6)) if e.kind is EventKind.GAP]
+    assert event.payload.gap.restart  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ import pytest
 
 from broker_config import BrokerSettings, CaseType, Findings, HospitalAlert, Priority, TopicSpace
 from broker_config.connection import NotConnectedError
-from broker_config.identity import ACCESS_COOKIE, REFRESH_COOKIE, Role, issue_token
+from broker_config.identity import BOARD_ACCESS_COOKIE, BOARD_REFRESH_COOKIE, Role, issue_token
 from dispatch.api import create_app as create_dispatch
 from dispatch.hospitals import HospitalRegistry
 from dispatch.security import DispatchSecurity
@@ -153,7 +153,7 @@ async def test_only_the_receiving_hospitals_staff_acknowledge(env: Env) -> None:
     assert other_body.status_code == 403, "the body's hospital must be the token's"
     allowed = await env.board.post("/api/alerts/a1/ack", json=body, headers=env.as_(Role.DEPARTMENT_ONCALL, "HA"))
     assert allowed.status_code == 503, "authorised; the broker link is down in this test"
-    env.board.cookies.set(ACCESS_COOKIE, env.security.issue("ed", Role.ED_STAFF, hospital_id="HA"))
+    env.board.cookies.set(BOARD_ACCESS_COOKIE, env.security.issue("ed", Role.ED_STAFF, hospital_id="HA"))
     cross_site = await env.board.post("/api/alerts/a1/ack", json=body, headers={"Origin": "https://evil.example"})
     assert cross_site.status_code == 403
 
@@ -238,12 +238,12 @@ async def test_sign_in_through_the_board_sets_httponly_cookies_and_refreshes(
     assert "access_token" not in r.text, "the browser never sees a token, only HttpOnly cookies"
     set_cookies = r.headers.get_list("set-cookie")
     assert all("HttpOnly" in c and "samesite=strict" in c.lower() for c in set_cookies)
-    assert {c.split("=")[0] for c in set_cookies} == {ACCESS_COOKIE, REFRESH_COOKIE}
+    assert {c.split("=")[0] for c in set_cookies} == {BOARD_ACCESS_COOKIE, BOARD_REFRESH_COOKIE}
     assert (await env.board.get("/api/hospitals/HA/snapshot")).status_code == 200  # the cookie jar carries it
-    old_refresh = env.board.cookies.get(REFRESH_COOKIE, path="/api/auth")
+    old_refresh = env.board.cookies.get(BOARD_REFRESH_COOKIE, path="/api/auth")
     refreshed = await env.board.post("/api/auth/refresh")
     assert refreshed.status_code == 200
-    assert env.board.cookies.get(REFRESH_COOKIE, path="/api/auth") != old_refresh
+    assert env.board.cookies.get(BOARD_REFRESH_COOKIE, path="/api/auth") != old_refresh
     assert (await env.board.post("/api/auth/logout")).status_code == 204
     assert (await env.board.get("/api/hospitals/HA/snapshot")).status_code == 401
 

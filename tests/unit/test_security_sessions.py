@@ -15,7 +15,7 @@ import pytest
 
 from broker_config import AlertAck, BrokerSettings, CaseType, Findings, HospitalAlert, Priority, TopicSpace
 from broker_config.codec import decode_as
-from broker_config.identity import ACCESS_COOKIE, REFRESH_COOKIE, Role, SignInThrottle
+from broker_config.identity import BOARD_ACCESS_COOKIE, BOARD_REFRESH_COOKIE, Role, SignInThrottle
 from dispatch.api import create_app as create_dispatch
 from dispatch.hospitals import HospitalRegistry
 from dispatch.security import DispatchSecurity
@@ -126,7 +126,7 @@ async def test_reusing_a_rotated_refresh_token_revokes_the_family_and_its_access
 
 async def test_reuse_through_the_board_ends_the_boards_session_too(stack: Stack) -> None:
     await login(stack.board, "ed.b")
-    stolen = stack.board.cookies.get(REFRESH_COOKIE, path="/api/auth")
+    stolen = stack.board.cookies.get(BOARD_REFRESH_COOKIE, path="/api/auth")
     assert (await stack.board.post("/api/auth/refresh")).status_code == 200  # the page rotates it
     assert (await stack.board.get("/api/hospitals/HA/snapshot")).status_code == 200
     thief = await stack.dispatch.post("/api/auth/refresh", json={"refresh_token": stolen})
@@ -156,7 +156,7 @@ async def test_dispatch_sign_out_refuses_a_captured_access_token(stack: Stack) -
 
 async def test_board_sign_out_refuses_a_captured_access_token_on_the_board_and_at_dispatch(stack: Stack) -> None:
     await login(stack.board, "ed.b")
-    token = stack.board.cookies.get(ACCESS_COOKIE)
+    token = stack.board.cookies.get(BOARD_ACCESS_COOKIE)
     assert token
     captured = bearer(token)
     assert (await stack.board.get("/api/hospitals/HA/snapshot", headers=captured)).status_code == 200
