@@ -1,4 +1,5 @@
-"""HTTP hardening shared by the services' APIs (dispatch, board, crew screen): a bound on request bodies.
+"""HTTP pieces shared by the services' APIs (dispatch, board, crew screen): a bound on request bodies, and the one
+sign-in page script (``static/login.js``) that dispatch's console and the ED board both serve.
 
 A 50 MB JSON body was parsed and a 10 MB one echoed back three times over in a 422 (found by the hostile tester):
 every request body is now bounded before anything reads it, with a plain 413.
@@ -6,13 +7,21 @@ every request body is now bounded before anything reads it, with a plain 413.
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
-__all__ = ["BodyLimitMiddleware", "MAX_BODY_BYTES"]
+__all__ = ["BodyLimitMiddleware", "MAX_BODY_BYTES", "sign_in_script"]
 
 MAX_BODY_BYTES = 256 * 1024
 """Largest request body accepted, bytes: the biggest legitimate one (a pre-alert with notes, an audit batch) is
 far smaller."""
+
+
+def sign_in_script() -> str:
+    """The sign-in page's script (UTF-8 JavaScript): posts to the serving service's ``/api/auth/login`` and returns
+    to the same-origin page named by ``?next=``."""
+    return resources.files("broker_config").joinpath("static", "login.js").read_text(encoding="utf-8")
+
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

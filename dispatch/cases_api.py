@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from broker_config import CaseType, Findings
 from broker_config.identity import Role
+from broker_config.web import sign_in_script
 from dispatch.audit import AuditAction
 from dispatch.cases import AssignResult
 from dispatch.destination import rank_destinations
@@ -514,7 +515,8 @@ def cases_router() -> APIRouter:
         media = _STATIC.get(name)
         if media is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such file")
-        return Response(_static_text(name), media_type=media, headers={"Cache-Control": "no-cache"})
+        text = sign_in_script() if name == "login.js" else _static_text(name)
+        return Response(text, media_type=media, headers={"Cache-Control": "no-cache"})
 
     return router
 

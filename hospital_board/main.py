@@ -61,7 +61,7 @@ from broker_config import AlertState, Department, TopicSpace, utc_now
 from broker_config.connection import MqttLink, NotConnectedError
 from broker_config.identity import BOARD_ACCESS_COOKIE, BOARD_REFRESH_COOKIE, Claims, Role, TokenError, verify_token
 from broker_config.topics import ID_PATTERN
-from broker_config.web import BodyLimitMiddleware
+from broker_config.web import BodyLimitMiddleware, sign_in_script
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, RouteInfo
 from hospital_board.feed import FeedHub, SseResponse, sse_frame
 from hospital_board.history import StoreTrends
@@ -373,6 +373,12 @@ def create_app(
     app = FastAPI(title="GoldenHour ED board", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware)
     app.state.board = runtime
+
+    @app.get("/static/login.js", include_in_schema=False)
+    async def sign_in_page_script() -> Response:
+        """The sign-in script shared with dispatch's console (declared before the mount, which would shadow it)."""
+        return Response(sign_in_script(), media_type="text/javascript; charset=utf-8")
+
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
 
     async def render(name: str, hospital_id: str, unit_id: str = "") -> HTMLResponse:

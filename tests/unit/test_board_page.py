@@ -22,6 +22,7 @@ from broker_config import (
 )
 from broker_config.connection import MqttLink
 from broker_config.identity import Role, generate_signing_key, issue_token, verify_key_text
+from broker_config.web import sign_in_script
 from hospital_board.feed import FeedHub
 from hospital_board.main import create_app
 from hospital_board.settings import BoardSettings
@@ -84,6 +85,12 @@ async def test_page_chooses_hospital_and_escapes_the_dispatch_name() -> None:
             assert bad.status_code == 422
             css = await client.get("/static/board.css")
             assert css.status_code == 200
+            script = await client.get("/login")  # the sign-in page and its script, the one dispatch serves too
+            assert script.status_code == 200
+            assert '<script src="/static/login.js"' in script.text
+            login_js = await client.get("/static/login.js")
+            assert login_js.text == sign_in_script()
+            assert login_js.headers["content-type"].startswith("text/javascript")
 
 
 async def test_dispatch_unreachable_falls_back_to_the_id() -> None:

@@ -12,6 +12,7 @@ import pytest
 from broker_config import BrokerSettings, CaseType, Findings, PreAlert, Stream, TopicSpace, encode, utc_now
 from broker_config.connection import NotConnectedError
 from broker_config.identity import Role
+from broker_config.web import sign_in_script
 from dispatch.api import create_app
 from dispatch.hospitals import DATA_DIR, HospitalRegistry
 from dispatch.routing import RoadRouter
@@ -168,3 +169,9 @@ async def test_alert_list_carries_each_departments_page_for_the_console(client: 
         assert act["state"] == "paged"
         assert act["level"] == "primary"
         assert datetime.fromisoformat(act["escalate_at"]) > now
+
+
+async def test_console_sign_in_page_serves_the_shared_script(client: httpx.AsyncClient) -> None:
+    page = await client.get("/login")
+    assert '<script src="/console/login.js"' in page.text
+    assert (await client.get("/console/login.js")).text == sign_in_script()

@@ -1,5 +1,6 @@
-// Sign-in: POST /api/auth/login (the server forwards it to dispatch and answers with HttpOnly session cookies),
-// then back to the page that sent us here (same-origin paths only, never another site).
+// Sign-in, one script for every GoldenHour sign-in page (dispatch console, ED board): POST /api/auth/login (the
+// server answers with HttpOnly session cookies; the board forwards it to dispatch), then back to the page that sent
+// us here (same-origin paths only, never another site).
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
@@ -38,6 +39,9 @@
         say("Enter the 6-digit code from your authenticator app.");
       } else if (res.status === 423) {
         say("Account locked after repeated failed sign-ins. Try again in 15 minutes or call the administrator.");
+      } else if (res.status === 429) {
+        const wait = Number(res.headers.get("Retry-After")) || 60;
+        say("Too many sign-in attempts from this computer. Try again in " + Math.ceil(wait / 60) + " min.");
       } else if (res.status === 401) {
         say("Wrong username, password or code.");
       } else {
