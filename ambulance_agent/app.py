@@ -548,6 +548,8 @@ class Agent:
                 gain_adc_per_mv=block.gain_adc_per_mv,
                 baseline_adc=block.baseline_adc,
                 samples=block.samples,
+                lead_off=block.lead_off,
+                saturated=block.saturated,
             )
 
         return build

@@ -6,13 +6,16 @@ same run.
    raw int16 encoding of the same chunks (baseline).  Target <= 1.0 B/sample.
 2. Agent CPU (% of one core) and RSS while streaming 12-lead 500 Hz ECG (the PTB record s0010_re, i..v6, resampled
    1000 -> 500 Hz; when the shared data is absent, a synthetic 12-lead built from MIT-BIH 100's two leads and their
-   Einthoven/Goldberger combinations, marked as such), monitor vitals (MIMIC-II numerics), NMEA GPS (a TCP feed
-   replaying a real receiver log) and 2 fps video through the real capture path (PyAV decoding a 640x480 10 fps H.264
-   file in real time, sampled at 2 fps, JPEG-encoded) to the broker: ``python -m ambulance_agent`` in a subprocess,
-   measured with psutil, once with the camera and once without (the camera's own cost);
-   the baseline is a bare publisher in a subprocess (same interpreter and imports) sending the same ECG chunks with
-   aiomqtt at QoS 1 (no outbox, no heart rate, no vitals/GPS, no crew screen).  Targets: CPU <= 10 % of a core,
-   RSS <= 150 MB.
+   Einthoven/Goldberger combinations, marked as such), monitor vitals, NMEA GPS (a TCP feed replaying a real receiver
+   log) and 2 fps video through the real capture path (PyAV decoding a 640x480 10 fps H.264 file in real time, sampled
+   at 2 fps, JPEG-encoded) to the broker: ``python -m ambulance_agent`` in a subprocess, configured as in a vehicle,
+   measured with psutil, once with the camera and once without (the camera's own cost).  The benchmark process plays
+   the devices: it reads the ECG record with wfdb and streams it in real time over a local TCP socket as a monitor's
+   raw waveform output (interleaved int16 frames, ambulance_agent.sources.ecg_stream), and sends the MIMIC-II numerics
+   as HL7 v2 ORU^R01 (IHE PCD-01, MDC codes) over MLLP to the agent's monitor listener every 2 s; so the agent never
+   loads wfdb, pandas or scipy.  The baseline is a bare publisher in a subprocess (same interpreter) reading the same
+   ECG stream with the same adapter and publishing the chunks with aiomqtt at QoS 1 (no outbox, no heart rate, no
+   vitals/GPS, no crew screen).  Targets: CPU <= 10 % of a core, RSS <= 150 MB.
 3. On a 64 kbit/s link (ambulance_agent.faultproxy, 50 ms each way) while streaming the same 12-lead ECG, vitals
    and GPS, after an outage (the backlog drains while live data keeps coming): pre-alert arrival time at a
    subscriber and vitals freshness (age of the newest live vitals the subscriber has, sampled every 0.5 s), with
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -37,7 +41,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import aiomqtt
@@ -45,11 +49,14 @@ import numpy as np
 import psutil
 
 from ambulance_agent.app import Agent
+from ambulance_agent.devices.mllp import MllpError, send_mllp
 from ambulance_agent.faultproxy import FaultProxy
 from ambulance_agent.sources.ecg import WfdbEcgReplay
+from ambulance_agent.sources.ecg_stream import RawEcgStreamSource
 from ambulance_agent.sources.nmea import NmeaGpsSource
 from ambulance_agent.sources.vitals import NumericsVitalsReplay
 from broker_config import (
+    VITAL_CODES,
     BrokerSettings,
     CaseType,
     EcgChunk,
@@ -135,20 +142,6 @@ def ecg_bytes_per_sample(max_s: float) -> None:
         f" ratio to plain GHE1 {lr / g:.3f}; {lr * 6000 * 8 / 1000:.1f} kbit/s of ECG")  # fmt: skip
 
 
-def twelve_lead_record() -> tuple[Path, str]:
-    """The 12-lead source as a 500 Hz WFDB record in a temp folder (resampled here, so the agent does not load
-    scipy.signal to do it)."""
-    import wfdb
-
-    replay, label = twelve_lead()
-    folder = Path(tempfile.mkdtemp(prefix="gh-bench-12-"))
-    wfdb.wrsamp("ecg12", fs=replay.fs_hz, units=["mV"] * 12, sig_name=list(replay.leads),
-                d_signal=np.ascontiguousarray(replay.record_samples().T), fmt=["16"] * 12,
-                adc_gain=[replay.gain_adc_per_mv] * 12, baseline=[replay.baseline_adc] * 12,
-                write_dir=str(folder))  # fmt: skip
-    return folder / "ecg12", label
-
-
 def twelve_lead() -> tuple[WfdbEcgReplay, str]:
     """The 12-lead 500 Hz source: PTB s0010_re resampled, or a synthetic one (written to a temp record)."""
     if PTB.with_suffix(".hea").exists():
@@ -223,6 +216,139 @@ async def nmea_feed() -> AsyncIterator[int]:
         await asyncio.gather(*clients, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def ecg_stream_feed(replay: WfdbEcgReplay, period_s: float = 0.1) -> AsyncIterator[int]:
+    """A monitor's raw waveform output on a local TCP port: the record's frames (interleaved little-endian int16, one
+    per lead per sampling instant) in real time, ``period_s`` worth per write, looping."""
+    frames = np.ascontiguousarray(replay.record_samples().T).astype("<i2")
+    step = max(1, round(replay.fs_hz * period_s))
+    stop = asyncio.Event()
+    clients: set[asyncio.Task[None]] = set()
+
+    async def client(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        clients.add(task)
+        t0 = time.monotonic()
+        k = 0
+        with contextlib.suppress(ConnectionError):
+            while not stop.is_set():
+                start = k * step % len(frames)
+                chunk = frames[start : start + step]
+                writer.write(chunk.tobytes())
+                await writer.drain()
+                k += 1
+                await asyncio.sleep(max(0.0, t0 + k * step / replay.fs_hz - time.monotonic()))
+        writer.close()
+        clients.discard(task)
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        stop.set()
+        server.close()
+        await asyncio.gather(*clients, return_exceptions=True)
+
+
+_MDC_UNITS = {
+    "heart_rate_bpm": "264864^MDC_DIM_BEAT_PER_MIN^MDC",
+    "resp_rate_per_min": "264928^MDC_DIM_RESP_PER_MIN^MDC",
+    "spo2_pct": "262688^MDC_DIM_PERCENT^MDC",
+    "sbp_mmhg": "266016^MDC_DIM_MMHG^MDC",
+    "dbp_mmhg": "266016^MDC_DIM_MMHG^MDC",
+    "map_mmhg": "266016^MDC_DIM_MMHG^MDC",
+}
+
+
+def pcd01(values: dict[str, float | None], at: datetime, control_id: str) -> str:
+    """An HL7 v2.6 ORU^R01 (IHE PCD-01) with one NM OBX per vital sign, MDC-coded, as a monitor sends it."""
+    t = at.strftime("%Y%m%d%H%M%S")
+    segments = [
+        f"MSH|^~\\&|MONITOR|BENCH|GOLDENHOUR|VEH|{t}+0000||ORU^R01^ORU_R01|{control_id}|P|2.6",
+        f"OBR|1||{control_id}|69965^MDC_DEV_MON_PHYSIO_MULTI_PARAM_MDS^MDC|||{t}+0000",
+    ]
+    codes = {c.field: c for c in VITAL_CODES}
+    for field, value in values.items():
+        code = codes.get(field)
+        if value is None or code is None or code.mdc_code is None or field not in _MDC_UNITS:
+            continue
+        k = len(segments) - 1
+        segments.append(f"OBX|{k}|NM|{code.mdc_code}^{code.mdc_ref}^MDC|1.1.1.{k}|{value:g}|{_MDC_UNITS[field]}|||||F")
+    return "\r".join(segments)
+
+
+@contextlib.asynccontextmanager
+async def hl7_monitor_feed(port: int, interval_s: float = 2.0) -> AsyncIterator[None]:
+    """A bedside monitor sending the MIMIC-II numerics as PCD-01 over MLLP to ``port`` every ``interval_s``
+    (a refused connection while the agent starts is retried at the next interval)."""
+    numerics = NumericsVitalsReplay(NUMERICS)
+
+    async def run() -> None:
+        for _ in range(150):  # wait for the agent's listener (it starts with the agent), at most 30 s
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.2)
+            else:
+                writer.close()
+                break
+        k = 0
+        while True:
+            row = numerics.row(int(k * interval_s // numerics.period_s) % numerics.n_rows)
+            with contextlib.suppress(OSError, MllpError, TimeoutError):
+                await send_mllp("127.0.0.1", port, pcd01(row, utc_now(), f"B{k}"), timeout_s=2.0, attempts=1)
+            k += 1
+            await asyncio.sleep(interval_s)
+
+    task = asyncio.create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def delivered(broker: BrokerSettings, space: TopicSpace) -> AsyncIterator[dict[str, int]]:
+    """Counts what the agent under test delivers to the broker (proof that the measured pipeline runs)."""
+    counts = {"ecg": 0, "ecg_samples": 0, "monitor_vitals": 0, "gps": 0, "video": 0}
+    async with aiomqtt.Client(broker.host, broker.port, identifier=f"bench-count-{uuid.uuid4().hex[:8]}") as sub:
+        streams = (Stream.ECG, Stream.VITALS, Stream.GPS, Stream.VIDEO)
+        await sub.subscribe([(space.filter(s, "bench-1"), 0) for s in streams])
+        video_topic = space.topic(Stream.VIDEO, "bench-1")
+
+        async def pump() -> None:
+            async for message in sub.messages:
+                topic = message.topic.value
+                assert isinstance(message.payload, bytes)
+                if topic == video_topic:
+                    counts["video"] += 1
+                    continue
+                with contextlib.suppress(ValueError):
+                    _, model = decode(space, topic, message.payload)
+                    if isinstance(model, EcgChunk):
+                        counts["ecg"] += 1
+                        counts["ecg_samples"] += model.samples.size
+                    elif isinstance(model, Vitals) and (model.spo2_pct, model.resp_rate_per_min) != (None, None):
+                        counts["monitor_vitals"] += 1
+                    elif type(model).__name__ == "GpsFix":
+                        counts["gps"] += 1
+
+        task = asyncio.create_task(pump())
+        try:
+            yield counts
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 # --- 2. CPU and RSS ---------------------------------------------------------------------------------------------
 
 
@@ -264,14 +390,21 @@ async def cpu_and_rss(url: str | None, seconds: float) -> None:
     from ambulance_agent.crypto import generate_unit_key
     from ambulance_agent.video import write_test_clip
 
-    record, label = twelve_lead_record()
-    out(f"2. Agent CPU and RSS, 12-lead 500 Hz ECG ({label}) + monitor vitals + NMEA GPS + 2 fps video,"
-        f" {seconds:.0f} s")  # fmt: skip
+    replay, label = twelve_lead()
+    out(f"2. Agent CPU and RSS, 12-lead 500 Hz ECG ({label}, raw waveform stream over TCP) + HL7/MLLP monitor"
+        f" vitals + NMEA GPS + 2 fps video, {seconds:.0f} s")  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="gh-bench-agent-"))
     clip = write_test_clip(workdir / "cabin.mp4", seconds=20.0, fps=10, size=(640, 480))
-    async with broker_for(url) as broker, nmea_feed() as gps_port:
+    stream = {
+        "fs_hz": replay.fs_hz,
+        "leads": list(replay.leads),
+        "gain_adc_per_mv": replay.gain_adc_per_mv,
+        "baseline_adc": replay.baseline_adc,
+    }
+    async with broker_for(url) as broker, nmea_feed() as gps_port, ecg_stream_feed(replay) as ecg_port:
 
         async def run_agent(camera: bool) -> ProcessFigures:
+            mllp_port = free_port()
             prefix = f"bench-{uuid.uuid4().hex[:8]}/"
             env = {k: v for k, v in os.environ.items() if not k.startswith(("EMS_AGENT_", "EMS_MQTT_"))}
             env.update(
@@ -281,8 +414,12 @@ async def cpu_and_rss(url: str | None, seconds: float) -> None:
                 EMS_AGENT_TOPIC_PREFIX=prefix,
                 EMS_AGENT_OUTBOX_PATH=str(workdir / f"outbox-{prefix[6:14]}.sqlite3"),
                 EMS_AGENT_UNIT_KEY=base64.b64encode(generate_unit_key()).decode(),
-                EMS_AGENT_ECG_WFDB_RECORD=str(record),
-                EMS_AGENT_VITALS_NUMERICS_RECORD=str(NUMERICS),
+                EMS_AGENT_ECG_STREAM=f"127.0.0.1:{ecg_port}",
+                EMS_AGENT_ECG_STREAM_FS_HZ=str(replay.fs_hz),
+                EMS_AGENT_ECG_STREAM_LEADS=",".join(replay.leads),
+                EMS_AGENT_ECG_STREAM_GAIN=str(replay.gain_adc_per_mv),
+                EMS_AGENT_ECG_STREAM_BASELINE=str(replay.baseline_adc),
+                EMS_AGENT_MLLP_PORT=str(mllp_port),
                 EMS_AGENT_NMEA_TCP=f"127.0.0.1:{gps_port}",
                 EMS_AGENT_CREW_SCREEN_PORT="0",
                 EMS_AGENT_LOG_LEVEL="WARNING",
@@ -291,15 +428,20 @@ async def cpu_and_rss(url: str | None, seconds: float) -> None:
                 env.update(EMS_AGENT_CAMERA=str(clip), EMS_AGENT_VIDEO_FPS="2")
             agent = await asyncio.create_subprocess_exec(sys.executable, "-m", "ambulance_agent", env=env, cwd=ROOT)
             try:
-                return await measure(agent, 5.0, seconds)
+                async with hl7_monitor_feed(mllp_port), delivered(broker, TopicSpace(prefix)) as counts:
+                    figures = await measure(agent, 5.0, seconds)
             finally:
                 await stop_process(agent)
+            out(f"   delivered ({'with' if camera else 'without'} camera, whole run): {counts['ecg']} ECG chunks"
+                f" ({counts['ecg_samples']} samples), {counts['monitor_vitals']} monitor vitals (SpO2 or resp rate),"
+                f" {counts['gps']} GPS fixes, {counts['video']} video frames")  # fmt: skip
+            return figures
 
         agent_fig = await run_agent(camera=True)
         no_camera_fig = await run_agent(camera=False)
         bare = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ambulance_agent.bench", "--bare-publisher", f"mqtt://{broker.host}:{broker.port}",
-            "--record", str(record),
+            "--stream", json.dumps({"port": ecg_port, **stream}),
             env={k: v for k, v in os.environ.items() if not k.startswith("EMS_")}, cwd=ROOT,
         )  # fmt: skip
         try:
@@ -307,7 +449,6 @@ async def cpu_and_rss(url: str | None, seconds: float) -> None:
         finally:
             await stop_process(bare)
         shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(record.parent, ignore_errors=True)
     out(f"   agent with the 2 fps camera: CPU {agent_fig.cpu_pct:.1f} % of one core, RSS {agent_fig.rss_mb:.0f} MB")
     out(f"   the same agent without a camera: CPU {no_camera_fig.cpu_pct:.1f} %, RSS {no_camera_fig.rss_mb:.0f} MB"
         f" (camera costs {agent_fig.cpu_pct - no_camera_fig.cpu_pct:.1f} % CPU,"
@@ -320,9 +461,12 @@ async def cpu_and_rss(url: str | None, seconds: float) -> None:
         f" RSS <= 150 MB: {'met' if agent_fig.rss_mb <= 150 else 'NOT met'}")  # fmt: skip
 
 
-async def bare_publisher(url: str, record: Path) -> None:
-    """The CPU baseline: the same 12-lead chunks, encoded once per second and published at QoS 1, nothing else."""
-    replay = WfdbEcgReplay(record)
+async def bare_publisher(url: str, stream: str) -> None:
+    """The CPU baseline: the same 12-lead stream read by the same adapter, each chunk encoded and published at QoS 1,
+    nothing else.  ``stream``: JSON of the port and the stream's out-of-band description."""
+    description = json.loads(stream)
+    port = description.pop("port")
+    replay = RawEcgStreamSource(("127.0.0.1", port), **description)
     settings = BrokerSettings.from_url(url)
     space = TopicSpace(f"bench-bare-{uuid.uuid4().hex[:8]}/")
     topic = space.topic(Stream.ECG, "bare-1")
@@ -474,11 +618,11 @@ def main() -> int:
     parser.add_argument("--codec-seconds", type=float, default=300.0, help="seconds of each MIT-BIH record")
     parser.add_argument("--only", choices=["codec", "cpu", "link"], help="run one part")
     parser.add_argument("--bare-publisher", metavar="URL", help=argparse.SUPPRESS)
-    parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--stream", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_publisher:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(bare_publisher(args.bare_publisher, args.record))
+            asyncio.run(bare_publisher(args.bare_publisher, args.stream))
         return 0
     out("GoldenHour ambulance agent benchmark")
     out(f"   machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")

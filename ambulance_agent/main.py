@@ -15,6 +15,7 @@ from ambulance_agent.app import Agent
 from ambulance_agent.settings import AgentSettings
 from ambulance_agent.sources.base import EcgSource, GpsSource, Source, VitalsSource
 from ambulance_agent.sources.ecg import WfdbEcgReplay
+from ambulance_agent.sources.ecg_stream import RawEcgStreamSource, parse_stream_target
 from ambulance_agent.sources.monitor import Hl7MonitorSource
 from ambulance_agent.sources.nmea import NmeaGpsSource, parse_host_port
 from ambulance_agent.sources.vitals import NumericsVitalsReplay
@@ -39,7 +40,22 @@ class Built:
 def build(settings: AgentSettings) -> Built:
     """Create the sources and the agent (no I/O except reading replay files and opening the outbox)."""
     ecg: EcgSource | None = None
-    if settings.ecg_wfdb_record is not None:
+    if settings.ecg_stream is not None:
+        assert settings.ecg_stream_fs_hz is not None
+        assert settings.ecg_stream_gain is not None
+        ecg = RawEcgStreamSource(
+            parse_stream_target(settings.ecg_stream),
+            fs_hz=settings.ecg_stream_fs_hz,
+            leads=settings.ecg_stream_leads,
+            gain_adc_per_mv=settings.ecg_stream_gain,
+            baseline_adc=settings.ecg_stream_baseline,
+            lead_off_code=settings.ecg_stream_lead_off_code,
+            adc_min=settings.ecg_stream_adc_min,
+            adc_max=settings.ecg_stream_adc_max,
+            chunk_s=settings.ecg_chunk_s,
+            baud=settings.ecg_stream_baud,
+        )
+    elif settings.ecg_wfdb_record is not None:
         ecg = WfdbEcgReplay(
             settings.ecg_wfdb_record,
             chunk_s=settings.ecg_chunk_s,

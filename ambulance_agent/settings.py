@@ -5,8 +5,12 @@ from the shared ``EMS_MQTT_*`` settings (:class:`broker_config.BrokerSettings`: 
 
 Sources (at most one of each kind):
 
-* ECG: ``EMS_AGENT_ECG_WFDB_RECORD`` (a WFDB record replayed as the monitor's 12-lead / rhythm output), with
-  ``ECG_CHANNELS`` (comma separated lead names) and ``ECG_RESAMPLE_HZ``;
+* ECG: ``EMS_AGENT_ECG_STREAM`` (a monitor's raw int16 waveform output: ``host:port``, a serial device or a FIFO;
+  :mod:`ambulance_agent.sources.ecg_stream`) described by ``ECG_STREAM_FS_HZ`` and ``ECG_STREAM_GAIN`` (required),
+  ``ECG_STREAM_LEADS`` (comma separated, default the 12 standard leads), ``ECG_STREAM_BASELINE``,
+  ``ECG_STREAM_LEAD_OFF_CODE`` (default -32768, ``none``: not reported), ``ECG_STREAM_ADC_MIN``/``_ADC_MAX`` (the
+  rails) and ``ECG_STREAM_BAUD``; or ``EMS_AGENT_ECG_WFDB_RECORD`` (a WFDB record replayed as the monitor's
+  12-lead / rhythm output), with ``ECG_CHANNELS`` (comma separated lead names) and ``ECG_RESAMPLE_HZ``;
 * vitals: ``EMS_AGENT_MLLP_PORT`` (HL7 v2 monitor over MLLP, PCD-01/PCD-04) or ``EMS_AGENT_VITALS_NUMERICS_RECORD``;
 * GPS: ``EMS_AGENT_NMEA_TCP`` (``host:port``) or ``EMS_AGENT_NMEA_DEVICE`` (``/dev/ttyUSB0``, read as a stream).
 * camera: ``EMS_AGENT_CAMERA`` (a file, an ``rtsp://``/``http://`` stream or ``/dev/videoN``) at ``VIDEO_FPS``.
@@ -36,6 +40,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ambulance_agent.crypto import CryptoError, UnitCipher, development_unit_key, load_unit_key
+from ambulance_agent.sources.ecg_stream import STANDARD_12_LEADS, parse_stream_target
 from ambulance_agent.sources.nmea import parse_host_port
 from broker_config import BrokerSettings, valid_id
 from broker_config.identity import SecurityMode
@@ -72,6 +77,17 @@ class AgentSettings(BaseSettings):
     ecg_channels: Annotated[tuple[str, ...], NoDecode] = ()
     ecg_resample_hz: Annotated[float, Field(gt=0, le=2000)] | None = None
     ecg_chunk_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+    ecg_stream: str | None = None
+    """``EMS_AGENT_ECG_STREAM``: the monitor's raw waveform output, ``host:port`` / ``tcp://host:port`` or a path."""
+    ecg_stream_fs_hz: Annotated[float, Field(gt=0, le=20_000)] | None = None
+    ecg_stream_leads: Annotated[tuple[str, ...], NoDecode] = STANDARD_12_LEADS
+    ecg_stream_gain: Annotated[float, Field(gt=0)] | None = None
+    """ADC units per mV."""
+    ecg_stream_baseline: int = 0
+    ecg_stream_lead_off_code: Annotated[int, Field(ge=-32768, le=32767)] | None = -32768
+    ecg_stream_adc_min: Annotated[int, Field(ge=-32768, le=32767)] = -32767
+    ecg_stream_adc_max: Annotated[int, Field(ge=-32768, le=32767)] = 32767
+    ecg_stream_baud: Annotated[int, Field(gt=0)] = 921_600
     vitals_numerics_record: Path | None = None
     mllp_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     mllp_host: str = "127.0.0.1"
@@ -105,7 +121,9 @@ class AgentSettings(BaseSettings):
     def _unit(cls, value: str) -> str:
         return valid_id(value)
 
-    @field_validator("crew_screen_port", "mllp_port", "bandwidth_bps", "ecg_resample_hz", mode="before")
+    @field_validator(
+        "crew_screen_port", "mllp_port", "bandwidth_bps", "ecg_resample_hz", "ecg_stream_lead_off_code", mode="before"
+    )
     @classmethod
     def _off(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
@@ -119,7 +137,7 @@ class AgentSettings(BaseSettings):
             return tuple(Path(p.strip()) for p in value.split(",") if p.strip())
         return value
 
-    @field_validator("ecg_channels", mode="before")
+    @field_validator("ecg_channels", "ecg_stream_leads", mode="before")
     @classmethod
     def _channels(cls, value: object) -> object:
         if isinstance(value, str):
@@ -131,6 +149,13 @@ class AgentSettings(BaseSettings):
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None:
             parse_host_port(value)
+        return value
+
+    @field_validator("ecg_stream")
+    @classmethod
+    def _stream_target(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_stream_target(value)
         return value
 
     @field_validator("log_level")
@@ -156,6 +181,15 @@ class AgentSettings(BaseSettings):
                 raise ValueError("the MLLP listener must be on loopback unless mllp_allow_remote=true")
         if self.ecg_channels and self.ecg_wfdb_record is None:
             raise ValueError("ecg_channels needs ecg_wfdb_record")
+        if self.ecg_stream is not None:
+            if self.ecg_wfdb_record is not None:
+                raise ValueError("choose one ECG source: ecg_stream or ecg_wfdb_record")
+            if self.ecg_stream_fs_hz is None or self.ecg_stream_gain is None:
+                raise ValueError("ecg_stream needs ecg_stream_fs_hz and ecg_stream_gain (from the monitor's settings)")
+            if not 1 <= len(self.ecg_stream_leads) <= 16:
+                raise ValueError("ecg_stream_leads must name 1 to 16 leads")
+            if self.ecg_stream_adc_min >= self.ecg_stream_adc_max:
+                raise ValueError("ecg_stream_adc_min must be below ecg_stream_adc_max")
         if self.bandwidth_bps is not None and self.bandwidth_bps > self.bandwidth_max_bps:
             raise ValueError("bandwidth_bps exceeds bandwidth_max_bps")
         if self.unit_key_file is not None and self.unit_key is not None:

@@ -11,8 +11,8 @@ ECG chunks (``GHE1`` binary layout, little-endian)
     ====== ===== ==================================================================================
     0      4     magic ``b"GHE1"``
     4      1     schema_version (1)
-    5      1     flags: bit 0 historical, bit 1 lead-off reported, bit 2 limb-lead residuals, bits 4-7 sample
-                 encoding
+    5      1     flags: bit 0 historical, bit 1 lead-off reported, bit 2 limb-lead residuals, bit 3 saturation
+                 reported, bits 4-7 sample encoding
     6      1     n_leads (1-16)
     7      1     length U of unit_id (1-32)
     8      8     seq (uint64)
@@ -25,6 +25,7 @@ ECG chunks (``GHE1`` binary layout, little-endian)
     56     2     lead-off bit mask (uint16), bit i = lead i
     58     U     unit_id, ASCII
     ...          per lead: 1 byte name length L, then L bytes ASCII name
+    ...    2     saturation bit mask (uint16), bit i = lead i at the ADC's rail; present only when flag bit 3 is set
     ...          samples, lead-major, by encoding:
                  0 = raw int16;
                  1 = lossless "delta-zlib": per lead the first difference of the int16 samples taken
@@ -39,6 +40,9 @@ aVF = II - I/2; Goldberger, Am Heart J 1942), computed on the ADC integers about
 division, the difference taken modulo 2**16 so it always fits int16.  A monitor that derives those leads leaves
 residuals of rounding noise, which compress to little; any other input still decodes exactly (the decoder adds the
 same prediction back, modulo 2**16).  Applied to the samples before the sample encoding.
+
+Lead-off and saturation (flag bits 1 and 3) only flag leads: the samples are never altered.  A chunk without
+saturation reported has no saturation mask and is byte-for-byte what it was before bit 3 existed.
 
 Samples must fit in int16 (every ECG ADC in use is 16 bits or fewer: MIT-BIH 11 bits, PTB 16 bits).
 Decompression is bounded by the declared sample count, so a small packet cannot inflate into a large one.
@@ -136,8 +140,13 @@ MAX_ECG_SAMPLES_PER_CHUNK = 16 * 10 * 1_000
 inflate to in memory and on disk (a 2 kB packet of zeros must not become megabytes)."""
 _HEAD = struct.Struct("<4sBBBBQqqddiIH")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LEAD_OFF = 2
+"""Flag bit 1: the header's lead-off mask is reported."""
 _LIMB_RESIDUALS = 4
 """Flag bit 2: leads III, aVR, aVL, aVF are residuals from I and II (see the module docstring)."""
+_SATURATED = 8
+"""Flag bit 3: a uint16 saturation mask follows the lead-name table."""
+_MASK = struct.Struct("<H")
 _DERIVED = ("iii", "avr", "avl", "avf")
 
 
@@ -341,11 +350,13 @@ def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB, limb_
     plan = _limb_plan(chunk.leads) if limb_residuals else None
     flags = (
         (1 if chunk.historical else 0)
-        | (2 if chunk.lead_off else 0)
+        | (_LEAD_OFF if chunk.lead_off else 0)
         | (_LIMB_RESIDUALS if plan else 0)
+        | (_SATURATED if chunk.saturated else 0)
         | (encoding << 4)
     )
     mask = sum(1 << i for i, off in enumerate(chunk.lead_off) if off)
+    saturation = _MASK.pack(sum(1 << i for i, sat in enumerate(chunk.saturated) if sat)) if chunk.saturated else b""
     unit = chunk.unit_id.encode("ascii")
     head = _HEAD.pack(
         ECG_MAGIC,
@@ -383,7 +394,7 @@ def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB, limb_
         body = zlib.compress(np.ascontiguousarray(planes.transpose(2, 0, 1)).tobytes(), 6)
     else:
         raise PayloadError("ecg", f"unknown ECG encoding {encoding}")
-    return head + unit + names + body
+    return head + unit + names + saturation + body
 
 
 def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
@@ -422,6 +433,13 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
             pos += 1 + length
     except (IndexError, UnicodeDecodeError):
         raise PayloadError(topic, "ECG chunk truncated or corrupt in its unit id or lead names") from None
+    saturated: tuple[bool, ...] = ()
+    if flags & _SATURATED:
+        if len(payload) < pos + _MASK.size:
+            raise PayloadError(topic, "ECG chunk truncated in its saturation mask")
+        (sat_mask,) = _MASK.unpack_from(payload, pos)
+        pos += _MASK.size
+        saturated = tuple(bool(sat_mask >> i & 1) for i in range(n_leads))
     body = payload[pos:]
     encoding = flags >> 4
     if encoding == EcgEncoding.RAW_INT16:
@@ -450,7 +468,7 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
         for k, lead in derived:
             predicted = _limb_prediction(lead, samples[k_i], samples[k_ii], baseline)
             samples[k] = _wrap16(samples[k].astype(np.int64) + predicted)
-    lead_off = tuple(bool(mask >> i & 1) for i in range(n_leads)) if flags & 2 else ()
+    lead_off = tuple(bool(mask >> i & 1) for i in range(n_leads)) if flags & _LEAD_OFF else ()
     try:
         return EcgChunk(
             unit_id=unit_id,
@@ -464,6 +482,7 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
             baseline_adc=baseline,
             samples=samples,
             lead_off=lead_off,
+            saturated=saturated,
         )
     except (ValidationError, OverflowError) as exc:
         detail = exc.errors()[0]["loc"] if isinstance(exc, ValidationError) and exc.errors() else ""

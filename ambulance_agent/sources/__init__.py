@@ -12,6 +12,7 @@ from ambulance_agent.sources.base import (
     VitalsSource,
 )
 from ambulance_agent.sources.ecg import WfdbEcgReplay
+from ambulance_agent.sources.ecg_stream import RawEcgStreamSource
 from ambulance_agent.sources.gps import RouteGpsReplay, haversine_m
 from ambulance_agent.sources.vitals import NumericsVitalsReplay
 
@@ -23,6 +24,7 @@ __all__ = [
     "GpsSource",
     "NumericsVitalsReplay",
     "Pacer",
+    "RawEcgStreamSource",
     "RouteGpsReplay",
     "Source",
     "VitalsReading",

@@ -54,6 +54,8 @@ class EcgBlock:
     ``samples`` is a read-only int16 array of shape (n_leads, n_samples); lead ``i`` is ``leads[i]``;
     sample ``j`` was taken at ``start_at + j / fs_hz``.  Physical mV = (adc - baseline_adc) / gain_adc_per_mv.
     ``sample_index`` is the record index of the first sample (for replay checks; it wraps when a replay loops).
+    ``lead_off`` and ``saturated`` flag leads per block (one bool per lead, empty = not reported): the electrode was
+    reported off, or a sample sat at the ADC's rail.  The samples themselves are never altered (flagged, not hidden).
     """
 
     start_at: datetime
@@ -63,6 +65,8 @@ class EcgBlock:
     baseline_adc: int
     samples: np.ndarray
     sample_index: int = 0
+    lead_off: tuple[bool, ...] = ()
+    saturated: tuple[bool, ...] = ()
 
     @property
     def n_samples(self) -> int:

@@ -9,7 +9,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import wfdb
 
 from ambulance_agent.sources.base import Clock, EcgBlock, Pacer, default_clock
 
@@ -25,6 +24,13 @@ class WfdbEcgReplay:
     MIT-BIH: 360 Hz, 11-bit, 200 ADC units/mV).  Blocks carry exactly the record's samples, in order, shape
     (n_leads, round(chunk_s * fs_hz)); block ``k`` is released when its last sample would have been acquired
     (data offset ``(k + 1) * chunk_s``) and stamped ``start_at = clock() at start + k * chunk_s``.
+
+    Saturation: a lead is flagged ``saturated`` in a block when one of its samples there is at a rail of the ADC,
+    taken from the record's header (signal ``i``: ``adc_res`` bits N and ``adc_zero`` z give the codes
+    z - 2**(N-1) and z + 2**(N-1) - 1; without ``adc_res``, N is the storage format's width, e.g. 12 for format
+    212, 16 for format 16).  After ``resample_hz`` the flags follow time: an output sample is flagged when it falls in
+    the sampling interval of a rail sample, or a rail sample falls in its own.  Samples are never altered;
+    ``lead_off`` is not reported (empty) since WFDB records carry no electrode status.
 
     Args:
         record_path: record name without extension (``.../mitdb/100``).
@@ -63,6 +69,8 @@ class WfdbEcgReplay:
         channels: Sequence[str] = (),
         resample_hz: float | None = None,
     ) -> None:
+        import wfdb  # lazy: wfdb loads pandas (~70 MB); only replays need it, never a vehicle's device sources
+
         kwargs: dict[str, object] = {"channel_names": list(channels)} if channels else {}
         record = wfdb.rdrecord(str(record_path), physical=False, return_res=16, **kwargs)
         if record.d_signal is None or record.fs is None:
@@ -78,9 +86,13 @@ class WfdbEcgReplay:
         self.gain_adc_per_mv = gains.pop()
         self.baseline_adc = baselines.pop()
         samples = np.asarray(record.d_signal)
+        low, high = adc_rails(record)
+        rails = (samples == low) | (samples == high)  # (n, n_leads)
         if resample_hz is not None and resample_hz != self.fs_hz:
             samples = _resample(samples, self.fs_hz, resample_hz)
+            rails = _resample_flags(rails, self.fs_hz, resample_hz, samples.shape[0])
             self.fs_hz = float(resample_hz)
+        self._rails = np.ascontiguousarray(rails.T)  # (n_leads, n), True = at a rail of the ADC
         if samples.dtype != np.int16:
             if samples.min() < -32768 or samples.max() > 32767:
                 raise ValueError("record samples do not fit int16")
@@ -129,9 +141,11 @@ class WfdbEcgReplay:
                 return
             if pos + n <= total:
                 block = self._samples[:, pos : pos + n]
+                rails = self._rails[:, pos : pos + n]
             else:  # wrap around the end of the record: the stream stays continuous
                 block = np.concatenate((self._samples[:, pos:], self._samples[:, : pos + n - total]), axis=1)
                 block.flags.writeable = False
+                rails = np.concatenate((self._rails[:, pos:], self._rails[:, : pos + n - total]), axis=1)
             await pacer.until((emitted_n + n) / self.fs_hz)
             yield EcgBlock(
                 start_at=anchor + timedelta(seconds=emitted_n / self.fs_hz),
@@ -141,11 +155,47 @@ class WfdbEcgReplay:
                 baseline_adc=self.baseline_adc,
                 samples=block,
                 sample_index=pos,
+                saturated=tuple(bool(v) for v in np.asarray(rails.any(axis=1))),
             )
             emitted_n += n
             if not self.loop and pos + n >= total:
                 return
             pos = (pos + n) % total
+
+
+_FORMAT_BITS = {"8": 8, "80": 8, "310": 10, "311": 10, "212": 12, "16": 16, "61": 16, "160": 16}
+
+
+def adc_rails(record: object) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest ADC codes of each signal of a ``wfdb.Record`` (int64 arrays, one per signal).
+
+    N-bit ADC with zero z: z - 2**(N-1) and z + 2**(N-1) - 1 (WFDB header fields ``adc_res`` and ``adc_zero``, WFDB
+    "header(5)"); ``adc_res`` 0 (unspecified) falls back to the storage format's width (16 if unknown).
+    """
+    fmts = list(getattr(record, "fmt", None) or [])
+    res = list(getattr(record, "adc_res", None) or [])
+    zeros = list(getattr(record, "adc_zero", None) or [])
+    n = len(getattr(record, "sig_name", None) or [])
+    bits = [int(res[i]) if i < len(res) and res[i] else _FORMAT_BITS.get(str(fmts[i] if i < len(fmts) else ""), 16)
+            for i in range(n)]  # fmt: skip
+    zero = np.array([int(zeros[i]) if i < len(zeros) and zeros[i] is not None else 0 for i in range(n)], np.int64)
+    half = np.array([1 << (min(b, 16) - 1) for b in bits], np.int64)
+    return zero - half, zero + half - 1
+
+
+def _resample_flags(flags: np.ndarray, fs_hz: float, target_hz: float, n_out: int) -> np.ndarray:
+    """Carry per-sample flags (n, n_leads) to the resampled time base: output sample j is flagged when a flagged
+    input sample i has i / fs <= j / target < (i + 1) / fs, or j / target <= i / fs < (j + 1) / target."""
+    out = np.zeros((n_out, flags.shape[1]), dtype=bool)
+    source = np.floor(np.arange(n_out) * (fs_hz / target_hz)).astype(np.int64)
+    source = np.clip(source, 0, flags.shape[0] - 1)
+    out[:] = flags[source]
+    # a rail sample between two output instants (downsampling) flags the output sample before it
+    hit_rows, hit_cols = np.nonzero(flags)
+    if hit_rows.size:
+        dest = np.clip(np.floor(hit_rows * (target_hz / fs_hz)).astype(np.int64), 0, n_out - 1)
+        out[dest, hit_cols] = True
+    return out
 
 
 def _resample(samples: np.ndarray, fs_hz: float, target_hz: float) -> np.ndarray:

@@ -201,7 +201,7 @@ class NmeaGpsSource:
                 stream, writer = await asyncio.open_connection(host, port, limit=_MAX_LINE_BYTES * 4)
             return stream, writer.close
         assert self.device is not None
-        return await _open_device(self.device, self.baud)
+        return await open_device(self.device, self.baud)
 
     async def _readings(self) -> AsyncIterator[GpsReading]:
         merger = EpochMerger(self.hold_s, self._monotonic)
@@ -294,21 +294,24 @@ async def _discard_through_newline(stream: asyncio.StreamReader, consumed: int) 
             await stream.readexactly(exc.consumed)
 
 
-async def _open_device(path: Path, baud: int) -> tuple[asyncio.StreamReader, Callable[[], None]]:
-    """Open a serial device / PTY (pyserial-asyncio-fast) or a FIFO (a pipe) as an asyncio stream.
+async def open_device(
+    path: Path, baud: int, *, limit: int = _MAX_LINE_BYTES * 4
+) -> tuple[asyncio.StreamReader, Callable[[], None]]:
+    """Open a serial device / PTY (pyserial-asyncio-fast, 8N1 raw) or a FIFO (a pipe) as an asyncio stream
+    (``limit``: the stream's buffer limit in bytes).  Returns ``(reader, close)``.  Shared by the byte-stream sources.
 
     Raises OSError (pyserial's SerialException is one) when the device cannot be opened."""
     if stat.S_ISFIFO(os.stat(path).st_mode):
-        return await _open_fifo(path)
+        return await _open_fifo(path, limit)
     import serial_asyncio_fast
 
     stream, writer = await serial_asyncio_fast.open_serial_connection(
-        url=str(path), baudrate=baud, limit=_MAX_LINE_BYTES * 4, exclusive=True
+        url=str(path), baudrate=baud, limit=limit, exclusive=True
     )
     return stream, writer.close
 
 
-async def _open_fifo(path: Path) -> tuple[asyncio.StreamReader, Callable[[], None]]:
+async def _open_fifo(path: Path, limit: int = _MAX_LINE_BYTES * 4) -> tuple[asyncio.StreamReader, Callable[[], None]]:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         fileobj: BinaryIO = os.fdopen(fd, "rb", buffering=0)
@@ -316,7 +319,7 @@ async def _open_fifo(path: Path) -> tuple[asyncio.StreamReader, Callable[[], Non
         os.close(fd)
         raise
     loop = asyncio.get_running_loop()
-    stream = asyncio.StreamReader(limit=_MAX_LINE_BYTES * 4)
+    stream = asyncio.StreamReader(limit=limit)
     try:
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), fileobj)
     except BaseException:

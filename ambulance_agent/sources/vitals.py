@@ -8,7 +8,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import wfdb
 
 from ambulance_agent.sources.base import Clock, Pacer, VitalsReading, default_clock
 
@@ -60,6 +59,8 @@ class NumericsVitalsReplay:
         monotonic: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
+        import wfdb  # lazy: wfdb loads pandas (~70 MB); only replays need it, never a vehicle's device sources
+
         record = wfdb.rdrecord(str(record_path), physical=True)
         if record.p_signal is None or not record.fs:
             raise ValueError("numerics record has no physical signal or no sampling frequency")

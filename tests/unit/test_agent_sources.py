@@ -179,3 +179,54 @@ async def test_gps_route_interpolates_at_speed_and_stays_at_the_end() -> None:
         RouteGpsReplay([], speed_mps=10)
     with pytest.raises(ValueError):
         RouteGpsReplay([(91.0, 0.0)], speed_mps=10)
+
+
+# --- saturation (ADC rails) in the WFDB replay ------------------------------------------------------------------
+
+
+async def test_ecg_replay_reports_no_saturation_on_mitbih_records_that_never_reach_the_rails() -> None:
+    """MIT-BIH: 11-bit ADC, zero 1024, so the rails are codes 0 and 2047; records 100, 119 and 201 never reach them
+    (checked against the raw record here), so no block may be flagged."""
+    from ambulance_agent.sources.ecg import adc_rails
+
+    for name in ("100", "119", "201"):
+        record = wfdb.rdrecord(str(MITDB / name), physical=False, return_res=16)
+        low, high = adc_rails(record)
+        assert (low.tolist(), high.tolist()) == ([0, 0], [2047, 2047])
+        assert not ((record.d_signal == low) | (record.d_signal == high)).any()
+        replay = WfdbEcgReplay(MITDB / name, chunk_s=10.0, pace=0, loop=False, clock=lambda: T0)
+        blocks: list[EcgBlock] = await take(replay, 10**6)
+        assert sum(b.n_samples for b in blocks) == 650_000
+        assert all(b.saturated == (False, False) and b.lead_off == () for b in blocks)
+
+
+def _clipped_record(folder: Path) -> tuple[Path, np.ndarray]:
+    """A tiny WFDB record with an 11-bit ADC (zero 1024, rails 0 and 2047), MIT-BIH 100's first 4 s with lead 0
+    at the upper rail in second 1 and lead 1 at the lower rail in second 3."""
+    source = wfdb.rdrecord(str(MITDB / "100"), physical=False, sampto=4 * 360).d_signal.astype(np.int64)
+    source[400:410, 0] = 2047
+    source[3 * 360 + 5, 1] = 0
+    rec = wfdb.Record(
+        record_name="clip", n_sig=2, fs=360, sig_len=len(source), file_name=["clip.dat"] * 2, fmt=["212"] * 2,
+        adc_gain=[200.0] * 2, baseline=[1024] * 2, units=["mV"] * 2, adc_res=[11, 11], adc_zero=[1024, 1024],
+        sig_name=["MLII", "V5"], d_signal=source, init_value=[int(v) for v in source[0]], block_size=[0, 0],
+    )  # fmt: skip
+    rec.checksum = rec.calc_checksum()
+    rec.wrsamp(write_dir=str(folder))
+    return folder / "clip", source
+
+
+async def test_ecg_replay_flags_a_lead_at_the_adc_rail_in_that_block_only_and_keeps_the_samples(
+    tmp_path: Path,
+) -> None:
+    path, source = _clipped_record(tmp_path)
+    replay = WfdbEcgReplay(path, chunk_s=1.0, pace=0, loop=False, clock=lambda: T0)
+    blocks: list[EcgBlock] = await take(replay, 10)
+    assert [b.saturated for b in blocks] == [(False, False), (True, False), (False, False), (False, True)]
+    got = np.concatenate([b.samples for b in blocks], axis=1)
+    np.testing.assert_array_equal(got, source.T)  # flagged, not hidden: the rail values are sent as they are
+
+    # resampled 360 -> 500 Hz: the flags follow the data's time, not the sample index
+    resampled = WfdbEcgReplay(path, chunk_s=1.0, pace=0, loop=False, clock=lambda: T0, resample_hz=500)
+    blocks = await take(resampled, 10)
+    assert [b.saturated for b in blocks] == [(False, False), (True, False), (False, False), (False, True)]
