@@ -158,6 +158,11 @@ async def _wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     return True
 
 
+def _flagged(flags: tuple[bool, ...], lead: int) -> bool:
+    """Whether per-lead ``flags`` (empty = not reported) mark ``lead``."""
+    return lead < len(flags) and flags[lead]
+
+
 class Agent:
     """The ambulance's agent (see the module docstring).
 
@@ -525,7 +530,12 @@ class Agent:
         async for block in source:
             if self._hr is None or self._hr.fs_hz != block.fs_hz:
                 self._hr = HeartRateEstimator(block.fs_hz, window_s=self.hr_window_s)
-            self._hr.push(block.samples, block.gain_adc_per_mv, block.baseline_adc, fs_hz=block.fs_hz)
+            if _flagged(block.lead_off, self._hr.lead) or _flagged(block.saturated, self._hr.lead):
+                # an electrode off or a clipped trace gives no heart rate, never a wrong one: start the window
+                # again from the next clean block ("insufficient data" until min_s of clean signal)
+                self._hr.reset()
+            else:
+                self._hr.push(block.samples, block.gain_adc_per_mv, block.baseline_adc, fs_hz=block.fs_hz)
             self._enqueue(Stream.ECG, self._ecg_builder(block), start_at=block.start_at)
             if self.vitals is None:
                 end_at = block.start_at + timedelta(seconds=block.n_samples / block.fs_hz)

@@ -120,6 +120,8 @@ class EcgSegmentPublic(_Public):
     lead_off: bool
     samples_mv: list[float]
     gap_before: bool = False
+    saturated: bool = False
+    """The device flagged the trace clipped at its ADC rail in this chunk (drawn as is, labelled)."""
 
 
 class EcgLeadsPublic(_Public):
@@ -132,6 +134,7 @@ class EcgLeadsPublic(_Public):
     lead_off: list[bool]
     samples_mv: list[list[float]]
     gap_before: bool = False
+    saturated: list[bool] = []
 
 
 class GapPublic(_Public):

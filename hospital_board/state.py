@@ -251,6 +251,7 @@ class _Segment:
     samples_mv: np.ndarray
     """Shape (n_leads, n_samples), mV rounded to 1 uV."""
     gap_before: bool
+    saturated: tuple[bool, ...] = ()
 
     @property
     def n_samples(self) -> int:
@@ -869,6 +870,7 @@ class BoardState:
             fs_hz=chunk.fs_hz,
             leads=tuple(chunk.leads),
             lead_off=tuple(bool(x) for x in chunk.lead_off) if chunk.lead_off else (False,) * n_leads,
+            saturated=tuple(bool(x) for x in chunk.saturated) if chunk.saturated else (False,) * n_leads,
             samples_mv=samples_mv,
             gap_before=gap_before,
         )
@@ -1166,6 +1168,7 @@ class BoardState:
             lead_off=segment.lead_off[0],
             samples_mv=segment.samples_mv[0].tolist(),
             gap_before=segment.gap_before,
+            saturated=bool(segment.saturated and segment.saturated[0]),
         )
 
     @staticmethod
@@ -1178,6 +1181,7 @@ class BoardState:
             lead_off=list(segment.lead_off),
             samples_mv=segment.samples_mv.tolist(),
             gap_before=segment.gap_before,
+            saturated=list(segment.saturated),
         )
 
     def _card(self, unit_id: str, hospital_id: str, now_at: datetime) -> CardPublic:

@@ -344,7 +344,8 @@ window.GH = (function () {
     const leads = seg.leads || [seg.lead];
     const leadOff = Array.isArray(seg.lead_off) ? seg.lead_off : [seg.lead_off];
     const n = rows[0].length;
-    const s = { t0: t0, fs: seg.fs_hz, rows: rows, leads: leads, leadOff: leadOff, gapBefore: !!seg.gap_before };
+    const sat = Array.isArray(seg.saturated) ? seg.saturated : [!!seg.saturated];
+    const s = { t0: t0, fs: seg.fs_hz, rows: rows, leads: leads, leadOff: leadOff, saturated: sat, gapBefore: !!seg.gap_before };
     s.t1 = t0 + (1000 * n) / s.fs;
     if (strip.headT !== null && t0 < strip.headT - (JOIN_SAMPLES * 1000) / s.fs) return false;
     strip.segs.push(s);
@@ -545,6 +546,7 @@ window.GH = (function () {
     if (!strip.segs.length) return "NO ECG";
     const last = strip.segs[strip.segs.length - 1];
     if (last.leadOff[Math.min(leadIndex, last.leadOff.length - 1)]) return "LEAD OFF";
+    if (last.saturated[Math.min(leadIndex, last.saturated.length - 1)]) return "SIGNAL CLIPPED";
     if (lost || offline) return "ECG SIGNAL LOST";
     return "";
   }

@@ -418,3 +418,15 @@ def test_a_sequence_restart_is_shown_as_unknown_loss_not_a_count() -> None:
     restart = stored.model_copy(update={"from_seq": 13, "to_seq": 1_764_000_000_000_000 - 1, "restart": True})
     (event,) = [e for e in board.apply_gap(restart, at(6)) if e.kind is EventKind.GAP]
     assert event.payload.gap.restart  # type: ignore[attr-defined]
+
+
+def test_lead_off_and_clipping_flags_reach_the_strips() -> None:
+    board = BoardState()
+    board.apply_alert(alert("a1", "U1"), at(0))
+    chunk = mitdb_chunks("100", 1)[0]
+    flagged = chunk.model_copy(update={"lead_off": (False, True), "saturated": (True, False)})
+    events = board.apply_ecg(flagged, at(1))
+    strip = next(e.payload.segment for e in events if e.kind is EventKind.ECG)  # type: ignore[attr-defined]
+    leads = next(e.payload.segment for e in events if e.kind is EventKind.ECG_LEADS)  # type: ignore[attr-defined]
+    assert (strip.lead_off, strip.saturated) == (False, True)
+    assert (leads.lead_off, leads.saturated) == ([False, True], [True, False])

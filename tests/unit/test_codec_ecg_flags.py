@@ -3,7 +3,8 @@ unchanged, bad masks refused, and the agent copying both flags from the acquisit
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 
 from ambulance_agent.app import Agent
 from ambulance_agent.sources.base import EcgBlock
-from broker_config import BrokerSettings, EcgChunk, TopicSpace
+from broker_config import BrokerSettings, EcgChunk, Stream, TopicSpace
 from broker_config.codec import EcgEncoding, PayloadError, decode_ecg, encode_ecg
 
 T0 = datetime(2026, 11, 30, 9, 30, tzinfo=UTC)
@@ -92,3 +93,43 @@ def test_the_agent_copies_both_flags_from_the_block_into_the_chunk(tmp_path: Pat
     back = decode_ecg(encode_ecg(chunk))
     assert (back.lead_off, back.saturated) == ((False, True), (True, False))
     assert np.array_equal(back.samples, samples)
+
+
+async def test_a_lead_off_or_clipped_block_restarts_the_heart_rate_window(tmp_path: Path) -> None:
+    """No heart rate from an electrode that is off or a clipped trace: the window starts again after it."""
+    rng = np.random.default_rng(7)
+
+    def block(k: int, *, lead_off: tuple[bool, ...] = (), saturated: tuple[bool, ...] = ()) -> EcgBlock:
+        samples = rng.integers(900, 1100, size=(2, 500), dtype=np.int16)
+        samples.flags.writeable = False
+        return EcgBlock(start_at=T0 + timedelta(seconds=k), fs_hz=500.0, leads=("II", "V1"), gain_adc_per_mv=200.0,
+                        baseline_adc=1024, samples=samples, lead_off=lead_off, saturated=saturated)  # fmt: skip
+
+    blocks = [block(k) for k in range(6)]
+    blocks.append(block(6, lead_off=(True, False)))  # the analysed lead (0) comes off
+    blocks += [block(7), block(8)]
+    blocks.append(block(9, lead_off=(False, True)))  # another lead off: the analysed lead is still good
+    blocks.append(block(10, saturated=(True, False)))  # the analysed lead clips
+    blocks.append(block(11))
+
+    async def source() -> AsyncIterator[EcgBlock]:
+        for b in blocks:
+            yield b
+
+    agent = Agent("amb-7", BrokerSettings(), TopicSpace(""), outbox_path=tmp_path / "o.db", ecg=None, vitals=None,
+                  gps=None)  # fmt: skip
+    try:
+        seen: list[float] = []
+        original = agent._enqueue
+
+        def spy(stream: Stream, build: object, start_at: datetime | None = None) -> None:
+            assert agent._hr is not None
+            seen.append(agent._hr.buffered_s)
+            original(stream, build, start_at)  # type: ignore[arg-type]
+
+        agent._enqueue = spy  # type: ignore[method-assign]
+        agent.vitals = object()  # type: ignore[assignment]  # no ECG-derived vitals in this test
+        await agent._ecg_loop(source())
+    finally:
+        agent.close()
+    assert seen == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0, 1.0, 2.0, 3.0, 0.0, 1.0]
