@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -74,7 +75,7 @@ from broker_config.payloads import (
     StoreReceipt,
     Vitals,
 )
-from broker_config.topics import STREAMS, ParsedTopic, Scope, Stream, TopicError, TopicSpace, loggable
+from broker_config.topics import ID_PATTERN, STREAMS, ParsedTopic, Scope, Stream, TopicError, TopicSpace, loggable
 
 __all__ = [
     "ECG_MAGIC",
@@ -83,7 +84,11 @@ __all__ = [
     "MODELS",
     "PayloadError",
     "decode",
+    "EcgHead",
+    "check_ecg",
     "decode_ecg",
+    "decode_ecg_samples",
+    "read_ecg_head",
     "encode",
     "encode_ecg",
     "decode_as",
@@ -397,8 +402,47 @@ def encode_ecg(chunk: EcgChunk, *, encoding: int = EcgEncoding.DELTA_ZLIB, limb_
     return head + unit + names + saturation + body
 
 
-def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
-    """Unpack a GHE1 ECG chunk.  Raises :class:`PayloadError` with a clear reason on any malformation."""
+@dataclass(frozen=True, slots=True)
+class EcgHead:
+    """A GHE1 chunk read up to its samples: everything :class:`EcgChunk` carries but ``samples``.
+
+    The attribute names are :class:`EcgChunk`'s, so code reading the envelope (seq, sent_at, historical) treats
+    both alike.  ``body_offset`` is where the sample bytes start; ``encoding`` is the sample encoding
+    (:class:`EcgEncoding`); ``limb_residuals`` is flag bit 2.
+    """
+
+    unit_id: str
+    seq: int
+    sent_at: datetime
+    start_at: datetime
+    fs_hz: float
+    leads: tuple[str, ...]
+    gain_adc_per_mv: float
+    baseline_adc: int
+    n_samples: int
+    lead_off: tuple[bool, ...]
+    saturated: tuple[bool, ...]
+    historical: bool
+    encoding: int
+    limb_residuals: bool
+    body_offset: int
+
+    @property
+    def end_at(self) -> datetime:
+        """Time just after the last sample."""
+        return self.start_at + timedelta(seconds=self.n_samples / self.fs_hz)
+
+
+def read_ecg_head(payload: bytes, *, topic: str = "ecg") -> EcgHead:
+    """Read and check a GHE1 chunk's header, unit id, lead names and flag masks (not the samples).
+
+    Applies every rule :class:`EcgChunk` applies to those fields, so a head this returns belongs to a chunk that
+    :func:`decode_ecg` accepts if its samples are intact (:func:`check_ecg` checks them too).
+
+    Raises:
+        PayloadError: truncation, bad magic or version, out-of-range counts or rate (``oversized``), invalid values
+            (``invalid_fields``).
+    """
     if len(payload) < _HEAD.size:
         raise PayloadError(topic, "ECG chunk truncated (shorter than its header)")
     (magic, version, flags, n_leads, unit_len, seq, sent_us, start_us, fs_hz, gain, baseline, n_samples, mask) = (
@@ -412,8 +456,7 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
         )
     if not 1 <= n_leads <= 16 or not 1 <= unit_len <= 32:
         raise PayloadError(topic, "ECG chunk header out of range (leads or unit id length)")
-    total = n_leads * n_samples
-    if n_samples <= 0 or total > MAX_ECG_SAMPLES_PER_CHUNK:
+    if n_samples <= 0 or n_leads * n_samples > MAX_ECG_SAMPLES_PER_CHUNK:
         raise PayloadError(topic, "ECG chunk declares an impossible sample count", RejectKind.OVERSIZED)
     if not (0 < fs_hz <= 20_000) or n_samples / fs_hz > MAX_ECG_CHUNK_S:
         raise PayloadError(
@@ -421,7 +464,9 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
         )
     pos = _HEAD.size
     try:
-        unit_id = payload[pos : pos + unit_len].decode("ascii")
+        unit = payload[pos : pos + unit_len].decode("ascii")
+        if len(unit) != unit_len:
+            raise IndexError
         pos += unit_len
         leads = []
         for _ in range(n_leads):
@@ -440,13 +485,51 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
         (sat_mask,) = _MASK.unpack_from(payload, pos)
         pos += _MASK.size
         saturated = tuple(bool(sat_mask >> i & 1) for i in range(n_leads))
-    body = payload[pos:]
-    encoding = flags >> 4
-    if encoding == EcgEncoding.RAW_INT16:
+    invalid = [
+        name
+        for name, bad in (
+            ("unit_id", not ID_PATTERN.fullmatch(unit)),
+            ("seq", seq >= 2**63),
+            ("gain_adc_per_mv", not gain > 0),
+            ("leads", any(not 1 <= len(n) <= 16 for n in leads)),
+        )
+        if bad
+    ]
+    try:
+        sent_at, start_at = _from_us(sent_us), _from_us(start_us)
+    except OverflowError:
+        invalid.append("sent_at/start_at")
+    if invalid:
+        raise PayloadError(topic, f"ECG chunk header has invalid values {invalid[0]}", RejectKind.INVALID_FIELDS)
+    return EcgHead(
+        unit_id=unit,
+        seq=seq,
+        sent_at=sent_at,
+        start_at=start_at,
+        fs_hz=fs_hz,
+        leads=tuple(leads),
+        gain_adc_per_mv=gain,
+        baseline_adc=baseline,
+        n_samples=n_samples,
+        lead_off=tuple(bool(mask >> i & 1) for i in range(n_leads)) if flags & _LEAD_OFF else (),
+        saturated=saturated,
+        historical=bool(flags & 1),
+        encoding=flags >> 4,
+        limb_residuals=bool(flags & _LIMB_RESIDUALS),
+        body_offset=pos,
+    )
+
+
+def _sample_planes(payload: bytes, head: EcgHead, topic: str) -> bytes:
+    """The sample bytes after the sample encoding is undone (raw int16, or the two delta byte planes), checked to be
+    exactly the declared count; inflation is bounded by that count."""
+    total = len(head.leads) * head.n_samples
+    body = memoryview(payload)[head.body_offset :]
+    if head.encoding == EcgEncoding.RAW_INT16:
         if len(body) != total * 2:
             raise PayloadError(topic, "ECG chunk sample bytes do not match the declared count")
-        samples = np.frombuffer(body, dtype="<i2").reshape(n_leads, n_samples)
-    elif encoding == EcgEncoding.DELTA_ZLIB:
+        return bytes(body)
+    if head.encoding == EcgEncoding.DELTA_ZLIB:
         inflater = zlib.decompressobj()
         try:
             raw = inflater.decompress(body, total * 2)
@@ -454,38 +537,82 @@ def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
             raise PayloadError(topic, "ECG chunk compressed samples are corrupt") from None
         if len(raw) != total * 2 or inflater.unconsumed_tail or not inflater.eof:
             raise PayloadError(topic, "ECG chunk compressed samples do not match the declared count")
-        planes = np.frombuffer(raw, dtype=np.uint8).reshape(2, n_leads, n_samples)
-        delta = np.ascontiguousarray(planes.transpose(1, 2, 0)).view("<i2").reshape(n_leads, n_samples)
-        samples = np.cumsum(delta, axis=1, dtype="<i2")
+        return raw
+    raise PayloadError(topic, f"unknown ECG sample encoding {head.encoding}")
+
+
+def _check_limb_plan(head: EcgHead, topic: str) -> tuple[int, int, list[tuple[int, str]]] | None:
+    if not head.limb_residuals:
+        return None
+    plan = _limb_plan(head.leads)
+    if plan is None:
+        raise PayloadError(topic, "ECG chunk flags limb-lead residuals but has no leads I and II to derive from")
+    return plan
+
+
+def check_ecg(payload: bytes, *, topic: str = "ecg") -> EcgHead:
+    """Check a GHE1 chunk completely without building its samples or model: it accepts and refuses exactly what
+    :func:`decode_ecg` does (the samples are inflated, bounded, and counted, never summed).  For consumers that
+    keep the chunk as it came (the telemetry store).
+
+    Raises:
+        PayloadError: as :func:`decode_ecg`.
+    """
+    head = read_ecg_head(payload, topic=topic)
+    _sample_planes(payload, head, topic)
+    _check_limb_plan(head, topic)
+    return head
+
+
+def _samples(payload: bytes, head: EcgHead, topic: str) -> np.ndarray:
+    n_leads, n = len(head.leads), head.n_samples
+    raw = _sample_planes(payload, head, topic)
+    if head.encoding == EcgEncoding.RAW_INT16:
+        samples = np.frombuffer(raw, dtype="<i2").reshape(n_leads, n)
     else:
-        raise PayloadError(topic, f"unknown ECG sample encoding {encoding}")
-    if flags & _LIMB_RESIDUALS:
-        plan = _limb_plan(leads)
-        if plan is None:
-            raise PayloadError(topic, "ECG chunk flags limb-lead residuals but has no leads I and II to derive from")
+        planes = np.frombuffer(raw, dtype=np.uint8).reshape(2, n_leads, n)
+        delta = np.ascontiguousarray(planes.transpose(1, 2, 0)).view("<i2").reshape(n_leads, n)
+        samples = np.cumsum(delta, axis=1, dtype="<i2")
+    plan = _check_limb_plan(head, topic)
+    if plan is not None:
         samples = samples.copy()
         k_i, k_ii, derived = plan
         for k, lead in derived:
-            predicted = _limb_prediction(lead, samples[k_i], samples[k_ii], baseline)
+            predicted = _limb_prediction(lead, samples[k_i], samples[k_ii], head.baseline_adc)
             samples[k] = _wrap16(samples[k].astype(np.int64) + predicted)
-    lead_off = tuple(bool(mask >> i & 1) for i in range(n_leads)) if flags & _LEAD_OFF else ()
+    return samples
+
+
+def decode_ecg_samples(payload: bytes, *, topic: str = "ecg") -> np.ndarray:
+    """A GHE1 chunk's ADC samples only: int16, shape (n_leads, n_samples), no model built (reading stored chunks).
+
+    Raises:
+        PayloadError: as :func:`decode_ecg`.
+    """
+    return _samples(payload, read_ecg_head(payload, topic=topic), topic)
+
+
+def decode_ecg(payload: bytes, *, topic: str = "ecg") -> EcgChunk:
+    """Unpack a GHE1 ECG chunk.  Raises :class:`PayloadError` with a clear reason on any malformation."""
+    head = read_ecg_head(payload, topic=topic)
+    samples = _samples(payload, head, topic)
     try:
         return EcgChunk(
-            unit_id=unit_id,
-            seq=seq,
-            sent_at=_from_us(sent_us),
-            historical=bool(flags & 1),
-            start_at=_from_us(start_us),
-            fs_hz=fs_hz,
-            leads=tuple(leads),
-            gain_adc_per_mv=gain,
-            baseline_adc=baseline,
+            unit_id=head.unit_id,
+            seq=head.seq,
+            sent_at=head.sent_at,
+            historical=head.historical,
+            start_at=head.start_at,
+            fs_hz=head.fs_hz,
+            leads=head.leads,
+            gain_adc_per_mv=head.gain_adc_per_mv,
+            baseline_adc=head.baseline_adc,
             samples=samples,
-            lead_off=lead_off,
-            saturated=saturated,
+            lead_off=head.lead_off,
+            saturated=head.saturated,
         )
-    except (ValidationError, OverflowError) as exc:
-        detail = exc.errors()[0]["loc"] if isinstance(exc, ValidationError) and exc.errors() else ""
+    except ValidationError as exc:
+        detail = exc.errors()[0]["loc"] if exc.errors() else ""
         raise PayloadError(topic, f"ECG chunk header has invalid values {detail}", RejectKind.INVALID_FIELDS) from None
 
 

@@ -9,16 +9,11 @@ import numpy as np
 import pytest
 
 from broker_config import PayloadError
-from broker_config import codec as codec_module
 from broker_config.codec import EcgEncoding, decode_ecg, encode_ecg
 from telemetry import bench
-from telemetry.ghe1 import GHE1_HEADER, EcgHead, adc_samples, check_chunk
+from telemetry.ghe1 import EcgHead, adc_samples, check_chunk
 
 UNIT = "amb1"
-
-
-def test_the_header_layout_is_the_codecs() -> None:
-    assert GHE1_HEADER.format == codec_module._HEAD.format
 
 
 def _outcome(payload: bytes) -> tuple[str, str]:
