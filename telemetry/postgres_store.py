@@ -618,6 +618,12 @@ class PostgresStore:
                 return None
             await cur.execute("SELECT unit_id, coalesce(max(seq), -1) FROM telemetry_gap GROUP BY unit_id")
             gap_seq = {u: int(top) for u, top in await cur.fetchall()}
+
+            def record(unit_id: str, stream: Stream, lo: int, hi: int, *, restart: bool) -> None:
+                gap_seq[unit_id] = gap_seq.get(unit_id, -1) + 1
+                gap = {"stream": stream.value, "from_seq": lo, "to_seq": hi, "detected_at": now, "restart": restart}
+                records.append(GapRecord(unit_id=unit_id, seq=gap_seq[unit_id], sent_at=now, **gap))
+
             for stream in sorted(_PARTITION_TIME):
                 table = sql.Identifier(PG_ECG.name if stream is Stream.ECG else TABLES[stream].name)
                 await cur.execute(
@@ -645,34 +651,11 @@ class PostgresStore:
                         if rx > settled:
                             break  # the jump is too recent: messages may still be on their way
                         if seq - top - 1 > self.restart_jump:  # a sequence restart: unknown loss, no range
-                            gap_seq[unit_id] = gap_seq.get(unit_id, -1) + 1
-                            records.append(
-                                GapRecord(
-                                    unit_id=unit_id,
-                                    seq=gap_seq[unit_id],
-                                    sent_at=now,
-                                    stream=stream.value,
-                                    from_seq=top + 1,
-                                    to_seq=seq - 1,
-                                    detected_at=now,
-                                    restart=True,
-                                )
-                            )
+                            record(unit_id, stream, top + 1, seq - 1, restart=True)
                             top = seq
                             continue
                         for lo, hi in await self._still_missing(cur, table, unit_id, top + 1, seq - 1):
-                            gap_seq[unit_id] = gap_seq.get(unit_id, -1) + 1
-                            records.append(
-                                GapRecord(
-                                    unit_id=unit_id,
-                                    seq=gap_seq[unit_id],
-                                    sent_at=now,
-                                    stream=stream.value,
-                                    from_seq=lo,
-                                    to_seq=hi,
-                                    detected_at=now,
-                                )
-                            )
+                            record(unit_id, stream, lo, hi, restart=False)
                         top = seq
                     if top != checked:
                         advanced.append((unit_id, top))
