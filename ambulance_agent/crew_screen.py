@@ -35,6 +35,7 @@ from starlette.types import ASGIApp
 from ambulance_agent.app import Agent
 from ambulance_agent.delivery import PreAlertDelivery
 from broker_config import CaseType, CrewStatus, Findings, Notice, utc_now
+from broker_config.web import server_config
 
 __all__ = ["TRAUMA_RED_CRITERIA", "CrewScreen", "CrewState", "PreAlertForm", "create_app"]
 
@@ -352,7 +353,7 @@ class CrewScreen:
         hosts = {f"127.0.0.1:{self.port}", f"localhost:{self.port}"}
         self.app = create_app(agent, allowed_hosts=hosts)
         self._server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, lifespan="off")
+            server_config(self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, lifespan="off")
         )
 
     @property

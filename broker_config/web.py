@@ -1,5 +1,6 @@
-"""HTTP pieces shared by the services' APIs (dispatch, board, crew screen): a bound on request bodies, and the one
-sign-in page script (``static/login.js``) that dispatch's console and the ED board both serve.
+"""HTTP pieces shared by the services' APIs (dispatch, board, crew screen): a bound on request bodies, the one
+sign-in page script (``static/login.js``) that dispatch's console and the ED board both serve, and the one way the
+services configure uvicorn (:func:`server_config`: client addresses from the socket unless a proxy is trusted).
 
 A 50 MB JSON body was parsed and a 10 MB one echoed back three times over in a 422 (found by the hostile tester):
 every request body is now bounded before anything reads it, with a plain 413.
@@ -7,10 +8,16 @@ every request body is now bounded before anything reads it, with a plain 413.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from typing import Any
 
-__all__ = ["BodyLimitMiddleware", "MAX_BODY_BYTES", "sign_in_script"]
+import uvicorn
+
+__all__ = ["BodyLimitMiddleware", "MAX_BODY_BYTES", "TRUSTED_PROXIES_ENV", "server_config", "sign_in_script"]
+
+TRUSTED_PROXIES_ENV = "EMS_HTTP_TRUSTED_PROXIES"
+"""Comma-separated addresses of reverse proxies whose ``X-Forwarded-For`` is believed (empty: none)."""
 
 MAX_BODY_BYTES = 256 * 1024
 """Largest request body accepted, bytes: the biggest legitimate one (a pre-alert with notes, an audit batch) is
@@ -21,6 +28,22 @@ def sign_in_script() -> str:
     """The sign-in page's script (UTF-8 JavaScript): posts to the serving service's ``/api/auth/login`` and returns
     to the same-origin page named by ``?next=``."""
     return resources.files("broker_config").joinpath("static", "login.js").read_text(encoding="utf-8")
+
+
+def server_config(app: Any, *, host: str | None = None, port: int | None = None, **options: Any) -> uvicorn.Config:
+    """A uvicorn configuration for one of the services' apps (``options`` go to :class:`uvicorn.Config`).
+
+    The client address (sign-in throttling, the audit trail's "from where") comes from the socket.  uvicorn's own
+    default believes ``X-Forwarded-For`` from 127.0.0.1, so any local process or kiosk browser could name a new
+    address on every attempt and slip past the per-address throttle (found by the hostile tester): forwarded
+    headers are used only from the proxies listed in ``EMS_HTTP_TRUSTED_PROXIES``.
+    """
+    trusted = [a.strip() for a in os.environ.get(TRUSTED_PROXIES_ENV, "").split(",") if a.strip()]
+    if host is not None:
+        options["host"] = host
+    if port is not None:
+        options["port"] = port
+    return uvicorn.Config(app, proxy_headers=bool(trusted), forwarded_allow_ips=",".join(trusted) or None, **options)
 
 
 Scope = dict[str, Any]

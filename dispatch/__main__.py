@@ -9,6 +9,7 @@ import logging
 
 import uvicorn
 
+from broker_config.web import server_config
 from dispatch.api import create_app
 from dispatch.settings import DispatchSettings
 
@@ -17,7 +18,8 @@ def main() -> None:
     """Configure logging once, build the app from the environment and serve it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = DispatchSettings()
-    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, log_level="info")
+    config = server_config(create_app(settings), host=settings.http_host, port=settings.http_port, log_level="info")
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

@@ -134,21 +134,23 @@ async def _run(args: argparse.Namespace) -> int:
     elif args.command == "dispatch":
         import uvicorn
 
+        from broker_config.web import server_config
         from dispatch.api import create_app
         from dispatch.settings import DispatchSettings
 
         settings = DispatchSettings(broker=_broker(args.mqtt_url), http_host=args.host, http_port=args.port)
-        await uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port)).serve()
+        await uvicorn.Server(server_config(create_app(settings), host=args.host, port=args.port)).serve()
     elif args.command == "board":
         import uvicorn
 
+        from broker_config.web import server_config
         from hospital_board.main import create_app as create_board
         from hospital_board.settings import BoardSettings
 
         board_settings = BoardSettings(
             broker=_broker(args.mqtt_url), default_hospital_id=args.hospital, dispatch_url=args.dispatch_url
         )
-        await uvicorn.Server(uvicorn.Config(create_board(board_settings), host=args.host, port=args.port)).serve()
+        await uvicorn.Server(server_config(create_board(board_settings), host=args.host, port=args.port)).serve()
     elif args.command == "db" and args.db_command == "migrate":
         from telemetry.migrate import migrate
 

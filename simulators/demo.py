@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from broker_config import BrokerSettings, CaseType, Findings, TopicSpace
 from broker_config.embedded import EmbeddedBroker, free_port
 from broker_config.identity import SecurityMode
+from broker_config.web import server_config
 from dispatch.accounts import DemoAccount, create_demo_accounts
 from dispatch.api import create_app as create_dispatch_app
 from dispatch.hospitals import DATA_DIR as DISPATCH_DATA
@@ -133,7 +134,7 @@ def _port_or_free(host: str, port: int) -> int:
 
 
 def _server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, host=host, port=port, log_level="warning", lifespan="on"))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the CLI owns signals
     return server
 
