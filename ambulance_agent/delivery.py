@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
-from broker_config import Activation, AlertState, CaseType, Notice, StoreReceipt, Stream
+from broker_config import SEQ_RESTART_JUMP, Activation, AlertState, CaseType, Notice, StoreReceipt, Stream
 
 __all__ = ["ChunkDelivery", "DeliveryStage", "DeliveryTracker", "EcgDeliverySummary", "PreAlertDelivery"]
 
@@ -126,11 +126,13 @@ class DeliveryTracker:
         self._alert_by_seq: dict[int, str] = {}
         self._chunks: OrderedDict[int, ChunkDelivery] = OrderedDict()
         self._receipts = _Receipts()
+        self._highest_queued: dict[str, int] = {}
 
     # --- events --------------------------------------------------------------------------------------------------
 
     def prealert_queued(self, alert_id: str, seq: int, case_type: CaseType) -> None:
         """A pre-alert is in the outbox with ``seq``."""
+        self._queued(Stream.PREALERT, seq)
         record = PreAlertDelivery(alert_id=alert_id, seq=seq, case_type=case_type, queued_at=self._clock())
         self._alerts[alert_id] = self._apply_receipt_to_alert(record)
         self._alert_by_seq[seq] = alert_id
@@ -142,6 +144,7 @@ class DeliveryTracker:
         """An ECG chunk is in the outbox with ``seq``."""
         if seq < 0:
             return
+        self._queued(Stream.ECG, seq)
         self._chunks[seq] = self._apply_receipt_to_chunk(ChunkDelivery(seq, start_at, self._clock()))
         while len(self._chunks) > self.max_chunks:
             self._chunks.popitem(last=False)
@@ -153,11 +156,11 @@ class DeliveryTracker:
             alert_id = self._alert_by_seq.get(seq)
             record = self._alerts.get(alert_id) if alert_id else None
             if record is not None and record.sent_at is None:
-                self._alerts[record.alert_id] = replace(record, sent_at=now)
+                self._alerts[record.alert_id] = self._apply_receipt_to_alert(replace(record, sent_at=now))
         elif stream is Stream.ECG:
             chunk = self._chunks.get(seq)
             if chunk is not None and chunk.sent_at is None:
-                self._chunks[seq] = replace(chunk, sent_at=now)
+                self._chunks[seq] = self._apply_receipt_to_chunk(replace(chunk, sent_at=now))
 
     def receipt(self, receipt: StoreReceipt) -> bool:
         """Apply the store's receipt; False if it is older than the one applied (by ``seq``)."""
@@ -165,7 +168,10 @@ class DeliveryTracker:
             return False
         merged = dict(self._receipts.stored_through)
         for stream, through in receipt.stored_through_seq.items():
-            merged[stream] = max(through, merged.get(stream, -1))
+            old = merged.get(stream, -1)
+            # far below what it said before: the store saw this unit's counter restart (a new outbox) and started
+            # its watermark again; otherwise receipts only move forward
+            merged[stream] = through if through < old - SEQ_RESTART_JUMP else max(through, old)
         self._receipts = _Receipts(merged, receipt.stored_at, receipt.seq)
         for alert_id, record in self._alerts.items():
             self._alerts[alert_id] = self._apply_receipt_to_alert(record)
@@ -197,14 +203,22 @@ class DeliveryTracker:
 
     # --- receipts ------------------------------------------------------------------------------------------------
 
+    def _queued(self, stream: Stream, seq: int) -> None:
+        self._highest_queued[stream.value] = max(seq, self._highest_queued.get(stream.value, -1))
+
     def _through(self, stream: Stream) -> int:
-        return self._receipts.stored_through.get(stream.value, -1)
+        """The receipt's watermark for ``stream``, or -1 if it belongs to another counter: far above anything this
+        agent has queued (a retained receipt of an outbox whose clock ran ahead), it proves nothing about ours."""
+        through = self._receipts.stored_through.get(stream.value, -1)
+        highest = self._highest_queued.get(stream.value)
+        if highest is not None and through > highest + SEQ_RESTART_JUMP:
+            return -1
+        return through
 
     def _apply_receipt_to_alert(self, record: PreAlertDelivery) -> PreAlertDelivery:
         if record.stored_at is None and record.seq <= self._through(Stream.PREALERT):
-            return replace(
-                record, stored_at=self._receipts.at or self._clock(), sent_at=record.sent_at or self._clock()
-            )
+            now = self._clock()
+            return replace(record, stored_at=self._receipts.at or now, sent_at=record.sent_at or now)
         return record
 
     def _apply_receipt_to_chunk(self, chunk: ChunkDelivery) -> ChunkDelivery:

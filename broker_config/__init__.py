@@ -39,6 +39,7 @@ from broker_config.payloads import (
     Status,
     StoreReceipt,
     Vitals,
+    older_session,
     utc_now,
 )
 from broker_config.settings import BrokerSettings
@@ -63,6 +64,7 @@ __all__ = [
     "Findings",
     "GapRecord",
     "SEQ_RESTART_JUMP",
+    "older_session",
     "GpsFix",
     "HospitalAlert",
     "Notice",

@@ -22,6 +22,7 @@ from broker_config.topics import ID_PATTERN
 __all__ = [
     "SCHEMA_VERSION",
     "SEQ_RESTART_JUMP",
+    "older_session",
     "Activation",
     "ActivationState",
     "AlertAck",
@@ -403,6 +404,13 @@ SEQ_RESTART_JUMP = 100_000
 """A forward jump of more seqs than this is a sequence restart (a new outbox seeded from the clock), not a gap: at
 the fastest gap-tracked stream (one message a second) it is more than a day of data, while a clock-seeded counter
 jumps by about 10**15.  The store and the board both judge a jump by it."""
+
+
+def older_session(seq: int, newest: int) -> bool:
+    """Whether a birth/will numbered ``seq`` belongs to a session older than ``newest`` (a late will that must not
+    hide a newer birth), rather than to a restarted counter far below it (a new outbox seeded lower: its births
+    count, or the unit would stay "offline" for good)."""
+    return newest - SEQ_RESTART_JUMP <= seq < newest
 
 
 class GapRecord(Envelope):

@@ -53,6 +53,7 @@ from broker_config import (
     TopicSpace,
     decode,
     encode,
+    older_session,
     utc_now,
 )
 from broker_config.connection import MqttLink, NotConnectedError
@@ -352,7 +353,7 @@ class DispatchService:
     def _on_availability(self, message: Availability, received_at: datetime) -> None:
         unit = self.repo.unit(message.unit_id)
         unit.last_seen_at = received_at
-        if message.seq < unit.session_seq:
+        if older_session(message.seq, unit.session_seq):
             return  # a late will of an older session cannot hide a newer birth
         unit.session_seq = message.seq
         unit.online = message.state == "online"

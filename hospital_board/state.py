@@ -56,6 +56,7 @@ from broker_config import (
     Status,
     Vitals,
     ecg_to_mv,
+    older_session,
 )
 from hospital_board.schemas import (
     BOARD_ONLY_KINDS,
@@ -705,7 +706,7 @@ class BoardState:
     def apply_availability(self, msg: Availability, now_at: datetime) -> list[BoardEvent]:
         """Birth/death of a unit.  A late ``offline`` of an older session (lower ``seq``) is ignored."""
         unit = self._unit(msg.unit_id, now_at)
-        if msg.seq < unit.session_seq:
+        if older_session(msg.seq, unit.session_seq):
             return []
         changed = unit.availability != msg.state
         unit.session_seq = msg.seq

@@ -194,9 +194,14 @@ class StoredWatermarks:
         """Record a stored seq; True if the unit's watermark moved."""
         streams = self._through.setdefault(unit_id, {})
         through = streams.get(stream.value, -1)
-        if seq <= through:
-            return False
         key = (unit_id, stream.value)
+        if seq < through - self.restart_jump:
+            # far below the watermark: a new outbox seeded lower than the old one (its clock had run ahead), not
+            # an old message: the watermark starts again here
+            through = seq - 1
+            self._above.pop(key, None)
+        elif seq <= through:
+            return False
         if seq - through - 1 > self.restart_jump:
             # a new outbox seeded from the clock: what came before it is the old outbox's business
             through = seq - 1

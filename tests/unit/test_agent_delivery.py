@@ -110,3 +110,25 @@ def test_unknown_alerts_and_notices_without_state_are_ignored() -> None:
     tracker.sent(Stream.PREALERT, 3)
     assert tracker.prealerts() == []
     assert tracker.prealert("pa-x") is None
+
+
+def test_a_receipt_from_another_counter_never_marks_new_messages_stored() -> None:
+    """A unit whose clock ran ahead (2100) and was corrected gets a new outbox seeded lower than what the store
+    holds: the store's retained receipt (far above) must not make a queued pre-alert look stored (hostile tester)."""
+    tracker = DeliveryTracker(Clock())
+    old = 4_102_444_800_000_000  # an outbox seeded in 2100
+    new = 1_764_460_800_000_000  # the replacement, seeded in 2025
+    assert tracker.receipt(receipt(5, prealert=old + 3, ecg=old + 40))
+    tracker.prealert_queued("A-1", new, CaseType.STEMI)
+    tracker.chunk_queued(new, T0)
+    record = tracker.prealert("A-1")
+    assert record is not None
+    assert (record.sent_at, record.stored_at) == (None, None)
+    assert tracker.chunk(new).stage is DeliveryStage.QUEUED  # type: ignore[union-attr]
+    # the store sees the restart and starts its watermark again: now the receipt speaks of our messages
+    tracker.sent(Stream.PREALERT, new)
+    assert tracker.receipt(receipt(6, prealert=new, ecg=new - 1))
+    record = tracker.prealert("A-1")
+    assert record is not None
+    assert record.stored_at is not None
+    assert tracker.stored_through["prealert"] == new

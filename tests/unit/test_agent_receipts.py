@@ -41,3 +41,17 @@ def test_seeded_after_a_restart_and_bounded_above_holes() -> None:
 
 def test_receipts_cover_every_counted_unit_stream_but_availability() -> None:
     assert set(RECEIPT_STREAMS) == {Stream.PREALERT, Stream.STATUS, Stream.VITALS, Stream.ECG, Stream.GPS}
+
+
+def test_a_counter_restarted_below_the_old_one_starts_the_watermark_again() -> None:
+    """A unit whose clock had run ahead (2100) and was corrected gets a new outbox seeded far below the old
+    counter: its messages are news, and the receipt speaks of them again (hostile tester)."""
+    marks = StoredWatermarks(restart_jump=100_000)
+    old, new = 4_102_444_800_000_000, 1_764_460_800_000_000
+    assert marks.add("U1", Stream.PREALERT, old)
+    assert marks.through("U1") == {"prealert": old}
+    assert marks.add("U1", Stream.PREALERT, new)
+    assert marks.through("U1") == {"prealert": new}
+    assert marks.add("U1", Stream.PREALERT, new + 1)
+    assert not marks.add("U1", Stream.PREALERT, new + 1)
+    assert marks.through("U1") == {"prealert": new + 1}

@@ -430,3 +430,17 @@ def test_lead_off_and_clipping_flags_reach_the_strips() -> None:
     leads = next(e.payload.segment for e in events if e.kind is EventKind.ECG_LEADS)  # type: ignore[attr-defined]
     assert (strip.lead_off, strip.saturated) == (False, True)
     assert (leads.lead_off, leads.saturated) == ([False, True], [True, False])
+
+
+def test_a_birth_from_a_counter_restarted_far_below_is_believed() -> None:
+    """A late will of an older session is ignored; a birth from a new outbox seeded lower (the clock had run ahead
+    before) is not, or the unit would stay offline for good (hostile tester)."""
+    board = BoardState()
+    board.apply_alert(alert("a1", "U1"), at(0))
+    high, low = 4_102_444_800_000_000, 1_764_460_800_000_000
+    board.apply_availability(Availability(unit_id="U1", seq=high, sent_at=at(1), state="offline"), at(1))
+    assert (
+        board.apply_availability(Availability(unit_id="U1", seq=high - 1, sent_at=at(2), state="online"), at(2)) == []
+    )
+    assert board.apply_availability(Availability(unit_id="U1", seq=low, sent_at=at(3), state="online"), at(3))
+    assert board._units["U1"].availability == "online"
