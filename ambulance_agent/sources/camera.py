@@ -162,6 +162,7 @@ class AvCameraSource:
                 target=self._session, args=(stop, post, finish), name=f"camera-{self.camera_id}", daemon=True
             )
             thread.start()
+            started = time.monotonic()
             delivered = 0
             try:
                 while True:
@@ -183,7 +184,10 @@ class AvCameraSource:
             if outcome == "eof" and self.is_file and delivered:
                 if not self.loop:
                     return  # a file played once: the iteration ends
-                continue  # a file played to its end: again, at once
+                # a file played to its end: again, but a clip shorter than a frame period (one picture) must not
+                # reopen in a hot loop
+                await asyncio.sleep(max(0.0, 1.0 / self.fps - (time.monotonic() - started)))
+                continue
             if outcome == "eof":
                 outcome = "ended"
             if delivered:

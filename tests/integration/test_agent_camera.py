@@ -86,6 +86,19 @@ async def test_a_file_played_once_ends_the_iteration(clip: Path) -> None:
     assert not source.errors
 
 
+async def test_a_one_picture_file_loops_at_the_frame_rate_not_in_a_hot_loop(tmp_path: Path) -> None:
+    """A clip shorter than a frame period (one picture) used to reopen at once: 720 sessions in 3 s (hostile tester)."""
+    still = write_test_clip(tmp_path / "still.ts", seconds=0.1, fps=10)
+    source = AvCameraSource(str(still), fps=4.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    frames = await take(source, 5)
+    elapsed = loop.time() - started
+    assert len(frames) == 5
+    assert elapsed >= 4 * 0.25 * 0.9, "five pictures at 4 per second take about a second"
+    assert source.sessions <= 8
+
+
 async def test_the_same_clip_as_a_network_stream_over_a_real_http_socket(clip: Path) -> None:
     with http_server(clip.parent) as port:
         source = AvCameraSource(f"http://127.0.0.1:{port}/{clip.name}", fps=4.0, retry_min_s=0.05, retry_max_s=0.2)
