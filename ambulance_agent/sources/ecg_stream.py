@@ -14,7 +14,9 @@ receive clock: the time of a block's first sample is the arrival time of its las
 (n / fs_hz).  The arrival time of a read is the receive clock when the read returns; when one read completes
 several blocks (a burst after a stall), each earlier block's last byte is placed back from the read's arrival by the
 nominal duration of the frames after it; and a block never starts before the previous block ended, so consecutive
-blocks never overlap (data arriving faster than real time then runs on the sample clock).  The clock is the
+blocks never overlap (data arriving faster than real time then runs on the sample clock, but never more than
+:data:`MAX_AHEAD_S` ahead of the receive clock: beyond it the block is re-anchored to its arrival, counted in
+``rate_resyncs`` and logged).  The clock is the
 vehicle's (the monitor's own clock is not in the stream); the transport's buffering delay (typically milliseconds)
 is included.
 
@@ -58,6 +60,12 @@ STANDARD_12_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V
 """The default lead order of a 12-lead waveform output."""
 
 _READ_BYTES = 65_536
+
+
+MAX_AHEAD_S = 2.0
+"""How far the no-overlap rule may push a block's time ahead of its arrival before the stream is re-anchored to
+the receive clock (a stream faster than its declared rate must not drift into the future: the store refuses
+future data and the board orders live ECG by sample time)."""
 
 
 def parse_stream_target(value: str) -> tuple[str, int] | Path:
@@ -150,6 +158,8 @@ class RawEcgStreamSource:
         self.open_failures = 0
         self.partial_frames_dropped = 0
         self.samples_received = 0
+        self.rate_resyncs = 0
+        """Times the block clock was pulled back to the receive clock (see :data:`MAX_AHEAD_S`)."""
         self._last_end: datetime | None = None
         if isinstance(target, Path) and self.fs_hz * self.frame_bytes * 10 > baud:
             logger.warning("ecg stream: %d baud is below the stream's rate (fine for a PTY or USB CDC-ACM)", baud)
@@ -231,9 +241,17 @@ class RawEcgStreamSource:
             lead_off: tuple[bool, ...] = tuple(bool(v) for v in off.any(axis=1))
         else:
             lead_off = ()
-        start_at = end_at - timedelta(seconds=n / self.fs_hz)
+        arrived_start = end_at - timedelta(seconds=n / self.fs_hz)
+        start_at = arrived_start
         if self._last_end is not None and start_at < self._last_end:
             start_at = self._last_end
+        if (start_at - arrived_start).total_seconds() > MAX_AHEAD_S:
+            # samples keep arriving faster than fs_hz says (a wrong rate, or a monitor dumping its buffer): the
+            # sample clock would run into the future without bound; back to the receive clock, and say so
+            self.rate_resyncs += 1
+            logger.warning("ecg stream: samples arrive faster than %.0f Hz; time re-anchored (%d)", self.fs_hz,
+                           self.rate_resyncs)  # fmt: skip
+            start_at = arrived_start
         self._last_end = start_at + timedelta(seconds=n / self.fs_hz)
         block = EcgBlock(
             start_at=start_at,

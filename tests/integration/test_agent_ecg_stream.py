@@ -17,7 +17,7 @@ import pytest
 import wfdb
 
 from ambulance_agent.sources.base import EcgBlock
-from ambulance_agent.sources.ecg_stream import RawEcgStreamSource, parse_stream_target
+from ambulance_agent.sources.ecg_stream import MAX_AHEAD_S, RawEcgStreamSource, parse_stream_target
 
 pytestmark = pytest.mark.integration
 
@@ -176,6 +176,30 @@ async def test_a_dropped_connection_reconnects_and_the_blocks_after_it_start_at_
     assert source.drops == 1
     assert source.partial_frames_dropped == 1
     assert monitor.connections == 2
+
+
+async def test_a_stream_faster_than_its_rate_is_re_anchored_not_pushed_into_the_future() -> None:
+    """Seconds of samples arriving every half second (a wrong rate, a monitor dumping its buffer) used to push the
+    block clock ahead without bound (hostile tester): it stays within MAX_AHEAD_S of the receive clock."""
+    samples = record("100", 12)
+    data = frames(samples)
+    second = 360 * 4
+    now = [T0]
+    async with Monitor().serving() as monitor:
+        source = RawEcgStreamSource(("127.0.0.1", monitor.port), **MITBIH, clock=lambda: now[0])
+        blocks = aiter(source)
+        got: list[tuple[datetime, EcgBlock]] = []
+        async with asyncio.timeout(20):
+            for k in range(12):  # one second of samples every half second: twice real time
+                now[0] = T0 + timedelta(seconds=1 + 0.5 * k)
+                monitor.queue.put_nowait(data[k * second : (k + 1) * second])
+                got.append((now[0], await anext(blocks)))
+        await blocks.aclose()  # type: ignore[attr-defined]
+    for arrival, block in got:
+        end = block.start_at + timedelta(seconds=block.n_samples / block.fs_hz)
+        assert (end - arrival).total_seconds() <= MAX_AHEAD_S
+    assert source.rate_resyncs >= 1
+    np.testing.assert_array_equal(np.concatenate([b.samples for _, b in got], axis=1), samples)  # nothing lost
 
 
 async def test_an_unreachable_monitor_is_retried_without_raising() -> None:
