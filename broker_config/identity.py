@@ -33,7 +33,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Self
@@ -439,6 +439,17 @@ class RevokedSessions:
             return False
         until = self._until.get(claims.sid)
         return until is not None and until >= now
+
+    def active(self, now: datetime) -> dict[str, datetime]:
+        """The sessions still refused at ``now``: session id -> until (UTC).  What dispatch tells the board, whose
+        own store :meth:`merge` takes it in (a sign-out at dispatch must end the session on the board too)."""
+        self.prune(now)
+        return dict(self._until)
+
+    def merge(self, revoked: Mapping[str, datetime]) -> None:
+        """Add sessions revoked elsewhere (see :meth:`active`)."""
+        for session_id, until in revoked.items():
+            self.revoke(session_id, until)
 
     def __len__(self) -> int:
         return len(self._until)

@@ -53,6 +53,7 @@ from dispatch.schemas import (
     LogoutRequest,
     PrincipalPublic,
     RefreshRequest,
+    RevokedSessionsPublic,
     TokenResponse,
 )
 from dispatch.security import (
@@ -233,6 +234,13 @@ def auth_router() -> APIRouter:
         except StoreError:
             raise _store_unavailable() from None
         _clear(response, sec.security.cookie_secure)
+
+    @router.get("/api/auth/revoked", tags=["auth"], responses={403: {"description": "services only"}})
+    async def revoked_sessions(_: ServiceCaller, sec: SecurityDep) -> RevokedSessionsPublic:
+        """Sessions ended before their access tokens expire (sign-out, refresh-token reuse): session id -> until.
+        For the other services that verify dispatch's tokens (the ED board polls it), so a sign-out here ends the
+        session there too within the poll interval."""
+        return RevokedSessionsPublic(sessions=sec.revoked.active(sec.security.clock()))
 
     @router.get("/api/auth/me", tags=["auth"], responses={401: {"description": "not signed in"}})
     async def me(caller: AnyCaller) -> PrincipalPublic:

@@ -549,3 +549,9 @@ class AuditReportBatch(_In):
     """Up to 500 board events in one request."""
 
     events: Annotated[list[AuditReportIn], Field(min_length=1, max_length=500)]
+
+
+class RevokedSessionsPublic(_Out):
+    """Sessions whose tokens are refused before they expire: session id -> until (UTC)."""
+
+    sessions: dict[str, AwareDatetime]

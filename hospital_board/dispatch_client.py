@@ -197,6 +197,18 @@ class DispatchClient:
         except ValueError:
             raise DispatchUnavailableError("not JSON") from None
 
+    async def revoked_sessions(self) -> dict[str, datetime]:
+        """Sessions dispatch has ended before their tokens expire (``GET /api/auth/revoked``): id -> until (UTC).
+
+        Raises:
+            DispatchUnavailableError: not configured, unreachable, or an unexpected answer.
+        """
+        body = await self._get("/api/auth/revoked")
+        try:
+            return {str(k): datetime.fromisoformat(v) for k, v in body["sessions"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise DispatchUnavailableError("unexpected revoked-sessions answer") from None
+
     async def report_audit(self, events: Sequence[dict[str, Any]]) -> None:
         """Post audit events to dispatch's trail.  Raises :class:`DispatchUnavailableError` (the caller retries)."""
         try:

@@ -97,6 +97,9 @@ __all__ = ["AckCreate", "BoardRuntime", "HealthPublic", "RoutePublic", "Timeline
 logger = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 60.0
+_REVOCATIONS_EVERY_S = 5.0
+"""How often the board asks dispatch for ended sessions: a token signed out at dispatch works here at most this
+long (plus a request's time)."""
 _ROUTE_REUSE_S = 10.0
 _ROUTE_MAX_AGE_S = 60.0
 _ROUTE_MOVED_M = 50.0
@@ -359,6 +362,7 @@ def create_app(
                     tg.create_task(resync.run(), name="board-resync"),
                     tg.create_task(_sweep_forever(runtime), name="board-sweep"),
                     tg.create_task(_prune_forever(runtime), name="board-prune"),
+                    tg.create_task(_revocations_forever(runtime), name="board-revocations"),
                     tg.create_task(runtime.audit.run(), name="board-audit"),
                 ]
                 try:
@@ -811,6 +815,18 @@ async def _sweep_forever(runtime: BoardRuntime) -> None:
     while True:
         await asyncio.sleep(runtime.settings.sweep_s)
         runtime.hub.publish(runtime.state.sweep(runtime.clock()))
+
+
+async def _revocations_forever(runtime: BoardRuntime) -> None:
+    """Learn the sessions dispatch has ended (sign-out there, refresh-token reuse) every few seconds, so their
+    access tokens stop working here too, not only when they expire (found by the hostile tester)."""
+    while True:
+        if runtime.directory.configured:
+            try:
+                runtime.security.revoked.merge(await runtime.directory.revoked_sessions())
+            except DispatchUnavailableError as exc:
+                logger.debug("revoked sessions not fetched reason=%s", exc.reason)
+        await asyncio.sleep(_REVOCATIONS_EVERY_S)
 
 
 async def _prune_forever(runtime: BoardRuntime) -> None:

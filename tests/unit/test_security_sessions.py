@@ -20,6 +20,7 @@ from dispatch.api import create_app as create_dispatch
 from dispatch.hospitals import HospitalRegistry
 from dispatch.security import DispatchSecurity
 from dispatch.service import DispatchService
+from hospital_board import main as board_main
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError
 from hospital_board.main import BoardRuntime, create_app
 from hospital_board.settings import BoardSettings
@@ -257,3 +258,22 @@ async def test_a_hospital_status_change_records_the_token_subject_not_the_bodys_
     )
     assert r.status_code == 200, r.text
     assert r.json()["status"]["set_by"] == "ed.a"
+
+
+async def test_a_sign_out_at_dispatch_ends_the_session_on_the_board_too(stack: Stack) -> None:
+    """The board learns dispatch's ended sessions (GET /api/auth/revoked, polled): a token signed out at dispatch
+    stops working on the board as well (hostile tester: it worked there until it expired)."""
+    session = await login(stack.dispatch, "ed.b")
+    captured = bearer(session["access_token"])
+    assert (await stack.board.get("/api/hospitals/HA/snapshot", headers=captured)).status_code == 200
+    assert (await stack.dispatch.post("/api/auth/logout", headers=captured)).status_code == 204
+    poll = asyncio.create_task(board_main._revocations_forever(stack.runtime))
+    try:
+        async with asyncio.timeout(10):
+            while not len(stack.runtime.security.revoked):  # noqa: ASYNC110 - the board's poll is the thing tested
+                await asyncio.sleep(0.01)
+    finally:
+        poll.cancel()
+    assert (await stack.board.get("/api/hospitals/HA/snapshot", headers=captured)).status_code == 401
+    # only services may read the list
+    assert (await stack.dispatch.get("/api/auth/revoked", headers=captured)).status_code in (401, 403)
