@@ -9,7 +9,8 @@ models live in :mod:`hospital_board.schemas`.
 Rules:
 
 * A unit becomes inbound to hospital H when an alert for H names it; it leaves when that alert is cancelled or
-  the crew reports hand-over (NEMSIS eTimes.12) or back in service (eTimes.13) after the alert was created.
+  the crew reports hand-over (NEMSIS eTimes.12) or back in service (eTimes.13) after the alert was created, but
+  not while a department's page is still unacknowledged (the card stays, with its Acknowledge, until answered).
 * Cards are ordered by the most urgent open alert's priority (IEC 60601-1-8: high, medium, low), then by ETA
   (unknown last), then by unit id.
 * Dispatch re-publishes an alert (same ``alert_id``, higher ``seq``) whenever its state, ETA or activations
@@ -137,6 +138,11 @@ _STATE_RANK: dict[AlertState, int] = {
 """An alert without activations only moves forward: a late or duplicated message never un-acknowledges it."""
 
 _OPEN_PAGE = (ActivationState.PAGED, ActivationState.ESCALATED)
+
+
+def _pages_open(record: _Alert) -> bool:
+    """A department of this alert is paged (or escalated) and has not acknowledged."""
+    return any(a.state in _OPEN_PAGE for a in record.message.activations)
 _CLOSING_STATUSES = frozenset({CrewStatus.HANDED_OVER, CrewStatus.BACK_IN_SERVICE, CrewStatus.AVAILABLE})
 _ECG_MAX_CHUNKS = 400
 """Hard bound of the ring in chunks, whatever their length (40 chunks/s of 25 ms for 10 s)."""
@@ -510,11 +516,14 @@ class BoardState:
         return unit
 
     def _closed_by_crew(self, unit: _Unit, record: _Alert) -> bool:
-        """The crew reported hand-over / back in service after this alert was raised."""
+        """The crew reported hand-over / back in service after this alert was raised, and no department's page is
+        still unanswered: a page nobody acknowledged keeps the card (and its Acknowledge) on the board after the
+        patient arrived, or the escalation would go on where ED staff cannot stop it (new-user trial)."""
         return (
             unit.crew_status in _CLOSING_STATUSES
             and unit.crew_status_at is not None
             and unit.crew_status_at >= record.created_at
+            and not _pages_open(record)
         )
 
     def apply_alert(self, msg: HospitalAlert, now_at: datetime) -> tuple[list[BoardEvent], bool]:
@@ -543,6 +552,8 @@ class BoardState:
         if msg.state is AlertState.CANCELLED and record.open:
             record.closed_at = now_at
             record.timeline.append(TimelineEntryPublic(at=now_at, kind="alert cancelled", source="dispatch"))
+        elif record.open and self._closed_by_crew(unit, record):
+            record.closed_at = now_at  # handed over earlier; the last open page has now been answered
         if not was_open:
             return [], False
         return self._after_change(record, now_at), False
@@ -732,7 +743,7 @@ class BoardState:
         events.extend(self._unit_state_event(unit, now_at))
         if msg.status in _CLOSING_STATUSES:
             for record in self._alerts.values():
-                if record.open and record.message.unit_id == msg.unit_id and record.created_at <= msg.at:
+                if record.open and record.message.unit_id == msg.unit_id and self._closed_by_crew(unit, record):
                     record.closed_at = now_at
                     events.extend(self._after_change(record, now_at))
         return events

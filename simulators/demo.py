@@ -124,6 +124,9 @@ def _port_or_free(host: str, port: int) -> int:
     if port == 0:
         return free_port(host)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as uvicorn binds: connections of a demo stopped a moment ago (TIME_WAIT) do not make the port busy, so a
+        # restarted demo keeps its addresses (open board tabs, bookmarks)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -192,7 +192,7 @@
   }
 
   const ALERTS_SHOWN = 12;
-  const ACTIVE_ALERT = new Set(["sent", "delivered", "acknowledged", "escalated"]);
+  const ACTIVE_ALERT = new Set(["sent", "on_board", "acknowledged", "escalated"]); // every state but cancelled
 
   function clockOf(iso) { return iso ? iso.replace("T", " ").slice(11, 19) : ""; }
 

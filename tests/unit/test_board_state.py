@@ -11,11 +11,14 @@ import pytest
 import wfdb
 
 from broker_config import (
+    Activation,
+    ActivationState,
     AlertAck,
     AlertState,
     Availability,
     CaseType,
     CrewStatus,
+    Department,
     EcgChunk,
     Findings,
     GapRecord,
@@ -444,3 +447,24 @@ def test_a_birth_from_a_counter_restarted_far_below_is_believed() -> None:
     )
     assert board.apply_availability(Availability(unit_id="U1", seq=low, sent_at=at(3), state="online"), at(3))
     assert board._units["U1"].availability == "online"
+
+
+def test_a_page_nobody_acknowledged_keeps_the_card_after_hand_over() -> None:
+    """The patient arrived, but the cath lab never answered its page: the card and its Acknowledge stay until the
+    page is answered, or the escalation would run on where ED staff cannot stop it (new-user trial)."""
+    board = BoardState()
+    paged = Activation(department=Department.CATH_LAB, paged_at=at(0), escalate_at=at(120))
+    msg = alert("a1", "U1").model_copy(update={"activations": (paged,)})
+    board.apply_alert(msg, at(0))
+    handed = Status(unit_id="U1", seq=0, sent_at=at(30), status=CrewStatus.HANDED_OVER, at=at(30))
+    board.apply_status(handed, at(30))
+    assert board.inbound_units("HA") == ["U1"], "the page is still open"
+    answered = paged.model_copy(
+        update={"state": ActivationState.ACKNOWLEDGED, "acknowledged_at": at(40), "escalate_at": None}
+    )
+    board.apply_alert(msg.model_copy(update={"seq": 1, "activations": (answered,)}), at(40))
+    assert board.inbound_units("HA") == [], "answered after the hand-over: the card goes"
+    # and without any page the hand-over closes the card at once, as before
+    board.apply_alert(alert("a2", "U2"), at(50))
+    board.apply_status(Status(unit_id="U2", seq=0, sent_at=at(60), status=CrewStatus.HANDED_OVER, at=at(60)), at(60))
+    assert board.inbound_units("HA") == []
