@@ -66,6 +66,9 @@ class ReadingPublic(_Public):
     measured_at: datetime
     age_s: float
     stale: bool
+    news2: int | None = None
+    """This parameter's NEWS2 sub-score, 0-3 (RCP 2017; :mod:`hospital_board.news2`), None where NEWS2 has none
+    (EtCO2)."""
 
 
 class NibpPublic(_Public):
@@ -77,6 +80,8 @@ class NibpPublic(_Public):
     measured_at: datetime
     age_s: float
     stale: bool
+    news2: int | None = None
+    """NEWS2 sub-score of the systolic pressure, 0-3."""
 
 
 class VitalsPublic(_Public):
@@ -89,6 +94,11 @@ class VitalsPublic(_Public):
     resp_rate_per_min: ReadingPublic | None = None
     etco2_mmhg: ReadingPublic | None = None
     temp_c: ReadingPublic | None = None
+    news2_partial: int | None = None
+    """Sum of the NEWS2 sub-scores of the parameters measured (None: none measured); partial: consciousness and
+    supplemental oxygen are not streamed (:mod:`hospital_board.news2`)."""
+    news2_parameters: int = 0
+    """How many of NEWS2's seven parameters the partial sum counts."""
 
 
 class PositionPublic(_Public):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -59,6 +60,7 @@ from broker_config import (
     ecg_to_mv,
     older_session,
 )
+from hospital_board import news2
 from hospital_board.schemas import (
     BOARD_ONLY_KINDS,
     COALESCED_KINDS,
@@ -143,6 +145,8 @@ _OPEN_PAGE = (ActivationState.PAGED, ActivationState.ESCALATED)
 def _pages_open(record: _Alert) -> bool:
     """A department of this alert is paged (or escalated) and has not acknowledged."""
     return any(a.state in _OPEN_PAGE for a in record.message.activations)
+
+
 _CLOSING_STATUSES = frozenset({CrewStatus.HANDED_OVER, CrewStatus.BACK_IN_SERVICE, CrewStatus.AVAILABLE})
 _ECG_MAX_CHUNKS = 400
 """Hard bound of the ring in chunks, whatever their length (40 chunks/s of 25 ms for 10 s)."""
@@ -1111,12 +1115,18 @@ class BoardState:
             resynced=record.resynced,
         )
 
-    def _reading(self, reading: _Reading | None, now_at: datetime) -> ReadingPublic | None:
+    def _reading(
+        self, reading: _Reading | None, now_at: datetime, score: Callable[[float], int] | None = None
+    ) -> ReadingPublic | None:
         if reading is None:
             return None
         age = age_s(reading.measured_at, reading.received_at, now_at)
         return ReadingPublic(
-            value=reading.value, measured_at=reading.measured_at, age_s=age, stale=age > self.stale_after_s
+            value=reading.value,
+            measured_at=reading.measured_at,
+            age_s=age,
+            stale=age > self.stale_after_s,
+            news2=score(reading.value) if score is not None else None,
         )
 
     def _vitals(self, unit: _Unit, now_at: datetime) -> VitalsPublic:
@@ -1132,16 +1142,23 @@ class BoardState:
                 measured_at=unit.nibp.measured_at,
                 age_s=age,
                 stale=age > self.nibp_stale_after_s,
+                news2=news2.news2_systolic(unit.nibp.sbp_mmhg) if unit.nibp.sbp_mmhg is not None else None,
             )
         r = unit.readings
+        readings = {
+            "heart_rate_bpm": self._reading(r.get("heart_rate_bpm"), now_at, news2.news2_pulse),
+            "spo2_pct": self._reading(r.get("spo2_pct"), now_at, news2.news2_spo2),
+            "resp_rate_per_min": self._reading(r.get("resp_rate_per_min"), now_at, news2.news2_resp_rate),
+            "etco2_mmhg": self._reading(r.get("etco2_mmhg"), now_at),
+            "temp_c": self._reading(r.get("temp_c"), now_at, news2.news2_temperature),
+        }
+        scores = [v.news2 for v in (*readings.values(), nibp) if v is not None and v.news2 is not None]
         return VitalsPublic(
-            heart_rate_bpm=self._reading(r.get("heart_rate_bpm"), now_at),
             heart_rate_source=unit.heart_rate_source,
-            spo2_pct=self._reading(r.get("spo2_pct"), now_at),
             nibp=nibp,
-            resp_rate_per_min=self._reading(r.get("resp_rate_per_min"), now_at),
-            etco2_mmhg=self._reading(r.get("etco2_mmhg"), now_at),
-            temp_c=self._reading(r.get("temp_c"), now_at),
+            news2_partial=sum(scores) if scores else None,
+            news2_parameters=len(scores),
+            **readings,
         )
 
     def _position(self, unit: _Unit, now_at: datetime) -> PositionPublic:

@@ -289,6 +289,7 @@ window.GH = (function () {
       box.classList.add("none");
       box.classList.remove("stale");
       box._ref = null;
+      setNews(box, null);
       setText(box.querySelector(".v-value"), "--");
       setText(ageEl, "not measured");
       return;
@@ -298,7 +299,22 @@ window.GH = (function () {
     box._offline = offline;
     box.classList.remove("none");
     setText(box.querySelector(".v-value"), valueText);
+    setNews(box, reading.news2);
     tickVital(box);
+  }
+
+  // The parameter's NEWS2 sub-score (RCP 2017, scored by the server): 3 red, 1-2 amber, with the score as text so
+  // an abnormal value never depends on colour alone.
+  function setNews(box, score) {
+    let flag = box.querySelector(".v-news");
+    if (!flag) {
+      flag = document.createElement("span");
+      flag.className = "v-news";
+      box.querySelector(".v-label").append(flag); // on the label line: the value line keeps its width
+    }
+    const s = typeof score === "number" ? score : 0;
+    box.dataset.news = s >= 3 ? "high" : s >= 1 ? "mid" : "";
+    setText(flag, s >= 1 ? "NEWS " + s : "");
   }
 
   function tickVital(box) {
