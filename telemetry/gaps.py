@@ -107,10 +107,9 @@ class GapTracker:
         state = self._state.get(key)
         if state is None:
             self._state[key] = state = _KeyState(seq)
-            if seq == 0:
+            if seq == 0 or seq > self.restart_jump:
+                # 0, or a counter seeded from the clock (a new outbox starts there): a unit's first words, no loss
                 return Observation(Arrival.IN_ORDER)
-            if seq > self.restart_jump:
-                return Observation(Arrival.RESTART, gap=(0, seq - 1))
             return self._open(state, 0, seq - 1)
         if seq == state.highest + 1:
             state.highest = seq

@@ -651,7 +651,8 @@ class PostgresStore:
                         if rx > settled:
                             break  # the jump is too recent: messages may still be on their way
                         if seq - top - 1 > self.restart_jump:  # a sequence restart: unknown loss, no range
-                            record(unit_id, stream, top + 1, seq - 1, restart=True)
+                            if top >= 0:  # (a first contact at a clock-seeded counter is no restart)
+                                record(unit_id, stream, top + 1, seq - 1, restart=True)
                             top = seq
                             continue
                         for lo, hi in await self._still_missing(cur, table, unit_id, top + 1, seq - 1):

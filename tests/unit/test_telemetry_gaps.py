@@ -111,6 +111,8 @@ def test_the_restart_bound_is_exclusive_and_first_contact_counts() -> None:
     assert t.observe(U, Stream.GPS, 11) == Observation(Arrival.GAP, gap=(1, 10))  # 10 missing: still a gap
     assert t.observe(U, Stream.GPS, 23).arrival is Arrival.RESTART  # 11 missing: a restart
     assert t.observe("fresh", Stream.GPS, 10) == Observation(Arrival.GAP, gap=(0, 9))
-    assert t.observe("seeded", Stream.GPS, 11) == Observation(Arrival.RESTART, gap=(0, 10))
+    # a unit's first contact at a clock-seeded counter: its first words, neither a restart nor a gap
+    assert t.observe("seeded", Stream.GPS, 11) == Observation(Arrival.IN_ORDER)
+    assert t.observe("seeded", Stream.GPS, 12) == Observation(Arrival.IN_ORDER)
     with pytest.raises(ValueError):
         GapTracker(restart_jump=0)
