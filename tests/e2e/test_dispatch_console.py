@@ -27,10 +27,13 @@ from broker_config import (
     STREAMS,
     Availability,
     BrokerSettings,
+    CaseType,
     CrewStatus,
+    Findings,
     GpsFix,
     Notice,
     NoticeKind,
+    PreAlert,
     Status,
     Stream,
     TopicSpace,
@@ -202,6 +205,21 @@ async def test_console_creates_incident_and_assigns_recommended_unit(
                 "document.querySelector('#timeline tbody tr[data-point=unit_notified]') &&"
                 " document.querySelector('#d-state').textContent.startsWith('assigned')",
             )
+            # a crew's pre-alert: the panel shows it with each department's page while nobody has acknowledged
+            await pub(
+                Stream.PREALERT, "AMB1",
+                PreAlert(unit_id="AMB1", seq=0, sent_at=utc_now(), alert_id="A-CONSOLE-1", case_type=CaseType.STEMI,
+                         findings=Findings(note=NOTE), requested_hospital_id="MC-CCM"),
+            )  # fmt: skip
+            await cdp.wait_in_page(
+                session, "document.querySelectorAll('#alerts li[data-alert=\"A-CONSOLE-1\"] .acts li').length === 2"
+            )
+            panel = await cdp.evaluate(
+                session, "document.querySelector('#alerts li[data-alert=\"A-CONSOLE-1\"]').textContent"
+            )
+            assert "AMB1" in panel
+            assert "cath lab: paged, primary" in panel
+            assert "escalates in" in panel
             ARTIFACTS.mkdir(exist_ok=True)
             shot = await cdp.call("Page.captureScreenshot", session, format="png")
             (ARTIFACTS / "dispatch-console-1920x1080.png").write_bytes(base64.b64decode(shot["data"]))
