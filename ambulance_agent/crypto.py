@@ -9,8 +9,9 @@ Sealed layout (bytes)::
 
     b"GHC1" | key id (8 bytes: SHA-256 of the key, truncated) | nonce (12 random bytes) | ciphertext | GCM tag (16)
 
-* The associated data binds a blob to its unit and to the caller's ``context`` (for the outbox: the stream and the
-  ``seq``), so a row copied onto another row, or another unit's disk, does not decrypt.
+* The associated data binds a blob to its unit and to the caller's ``context`` (for the outbox: the stream, the
+  ``seq``, the topic, QoS, retain flag, store time and size), so a row copied onto another row, or another unit's
+  disk, does not decrypt.
 * Random 96-bit nonces: NIST SP 800-38D section 8.3 caps one key at 2**32 seals; at 20 payloads/s a key lasts
   about 6.8 years of continuous streaming.  Rotate earlier: :class:`UnitCipher` takes the new key plus the old
   ones, seals with the new and opens with any.

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ambulance_agent.outbox import Outbox
+from ambulance_agent.outbox import Outbox, OutboxError, OutboxFullError, seq_seed
 from broker_config import STREAMS, Stream, TopicSpace
 
 SPACE = TopicSpace()
@@ -192,3 +196,111 @@ def test_an_outbox_from_before_seeding_continues_its_counters(tmp_path: Path) ->
     assert put(box, Stream.ECG) == 42
     assert box.next_session() == 7
     assert put(box, Stream.VITALS) == 0, "a stream this unit never sent starts where it always did"
+
+
+def test_a_new_outbox_never_trusts_an_implausible_clock_for_its_seed(tmp_path: Path) -> None:
+    """A dead real-time-clock battery boots in 1970 (or before): two lost outboxes must not repeat seqs, and a
+    negative seed would make every message unsendable (hostile tester)."""
+    assert seq_seed(1_764_460_800.25) == 1_764_460_800_250_000  # a plausible clock: microseconds
+    for bad in (0.0, 100.0, -100.0, 5_000_000_000.0):
+        assert 2**61 <= seq_seed(bad) < 2**62
+    first = Outbox(tmp_path / "a.db", wall_clock_s=lambda: 30.0)
+    second = Outbox(tmp_path / "b.db", wall_clock_s=lambda: 30.0)
+    try:
+        assert first.first_seq != second.first_seq
+        assert min(first.first_seq, second.first_seq) > 4_102_444_800_000_000  # above any clock seed
+    finally:
+        first.close()
+        second.close()
+
+
+# --- a full disk ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (tmpfs), so SQLite meets SQLITE_FULL as on a full vehicle disk.  Needs root."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a 1 MiB tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (container without the capability)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)  # lazy: even if a failed test left it open
+
+
+def ecg(box: Outbox) -> int:
+    return box.put(Stream.ECG, SPACE.topic(Stream.ECG, UNIT), lambda seq: os.urandom(700))
+
+
+def fill_with_vitals(box: Outbox) -> OutboxError | None:
+    for _ in range(10_000):
+        try:
+            put(box, Stream.VITALS, 700)
+        except OutboxError as exc:
+            return exc
+    return None
+
+
+def test_a_full_disk_sheds_ecg_for_crew_messages_then_says_so(tiny_disk: Path) -> None:
+    other = tiny_disk / "other-data"  # what filled the disk besides the outbox
+    other.write_bytes(b"\0" * 200_000)
+    box = Outbox(tiny_disk / "o.db")
+    for _ in range(5000):
+        ecg(box)
+        if box.stats().disk_full:
+            break
+    stats = box.stats()
+    assert stats.disk_full == 1, "the loop reached a full disk"
+    assert stats.shed["ecg"] > 0, "the oldest ECG was shed to make room"
+    assert (tiny_disk / "o.db-reserve").exists(), "the reserve is kept again after shedding"
+    ecg_left = [m for m in box.pending(10_000) if m.stream is Stream.ECG]
+    assert ecg_left
+    assert ecg_left[0].seq > box.first_seq, "oldest first"
+    assert put(box, Stream.PREALERT, 300) > 0
+    # protected messages only, until not even shedding makes room: a clear error, every ECG shed first
+    refused = fill_with_vitals(box)
+    assert isinstance(refused, OutboxFullError)
+    assert isinstance(refused, sqlite3.OperationalError), "the agent's telemetry loop counts it as an outbox error"
+    assert "disk full" in str(refused)
+    assert [m for m in box.pending(10_000) if m.stream is Stream.ECG] == []
+    # acks on the full disk: delivered messages are not offered again
+    count = box.stats().count
+    delivered = box.pending(20)
+    assert all(box.ack(m.id) for m in delivered)
+    assert not any(box.ack(m.id) for m in delivered), "acked twice"
+    assert box.stats().count == count - 20
+    assert not {m.id for m in delivered} & {m.id for m in box.pending(10_000)}
+    # space comes back: the next write deletes the delivered rows for good
+    other.unlink()
+    assert put(box, Stream.PREALERT, 300) > 0
+    box.close()
+    again = Outbox(tiny_disk / "o.db")
+    assert not {m.id for m in delivered} & {m.id for m in again.pending(10_000)}
+    assert again.stats().count == count - 20 + 1
+    again.close()
+
+
+def test_a_page_capped_file_meets_sqlite_full_and_sheds_ecg_without_root(tmp_path: Path) -> None:
+    """The same path without a small filesystem: SQLite's own page cap raises the same SQLITE_FULL."""
+    box = Outbox(tmp_path / "o.db")
+    box._db.execute("PRAGMA max_page_count=60")  # 240 KiB with 4 KiB pages
+    for _ in range(1000):
+        ecg(box)
+        if box.stats().disk_full:
+            break
+    assert box.stats().disk_full == 1
+    shed = box.stats().shed["ecg"]
+    assert shed > 0
+    assert put(box, Stream.PREALERT, 300) > 0
+    assert put(box, Stream.STATUS, 300) > 0
+    streams = [m.stream for m in box.pending(1000)]
+    assert streams[:2] == [Stream.PREALERT, Stream.STATUS]
+    refused = fill_with_vitals(box)
+    assert refused is not None
+    assert Stream.ECG not in [m.stream for m in box.pending(1000)], "every ECG shed before a protected one fails"
+    box.close()

@@ -181,3 +181,150 @@ def test_development_generates_an_owner_only_key_beside_the_outbox(
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     blob = first.seal(b"x")
     assert settings.cipher().open(blob) == b"x", "the generated key is reused at the next start"
+
+
+# --- what a sealed outbox accepts at rest ----------------------------------------------------------------------------
+
+INJECTED = b'{"injected":"by attacker"}'
+
+
+def sealed_outbox(path: Path, cipher: UnitCipher, n: int = 3) -> list[int]:
+    box = Outbox(path, cipher=cipher)
+    put_vitals(box, n)
+    ids = [m.id for m in box.pending(n)]
+    box.close()
+    return ids
+
+
+def quarantined(path: Path) -> dict[int, str]:
+    db = sqlite3.connect(path)
+    try:
+        return dict(db.execute("SELECT id, reason FROM quarantine").fetchall())
+    finally:
+        db.close()
+
+
+def test_a_clear_row_in_a_sealed_outbox_is_quarantined_never_sent(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    cipher = UnitCipher(UNIT, generate_unit_key())
+    ids = sealed_outbox(path, cipher)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("UPDATE messages SET payload = ? WHERE id = ?", (INJECTED, ids[0]))
+    db.close()
+    box = Outbox(path, cipher=cipher)  # at start: not taken for a row of an older unencrypted outbox
+    got = box.pending(10)
+    assert [m.id for m in got] == ids[1:]
+    assert INJECTED not in [m.payload for m in got]
+    assert box.stats().rejected == 1
+    assert quarantined(path) == {ids[0]: "not a sealed payload in a sealed outbox"}
+    db = sqlite3.connect(path, isolation_level=None)  # and while running: refused by pending()
+    db.execute("UPDATE messages SET payload = ? WHERE id = ?", (INJECTED, ids[1]))
+    db.close()
+    assert [m.id for m in box.pending(10)] == ids[2:]
+    assert box.stats().rejected == 2
+    box.close()
+    with pytest.raises(OutboxError, match="unit key is required"):
+        Outbox(path)  # the marker alone says it is sealed, even without a sealed row left
+
+
+def test_an_unencrypted_outbox_is_migrated_once_only(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    clear = Outbox(path)
+    put_vitals(clear, 2)
+    clear.close()
+    cipher = UnitCipher(UNIT, generate_unit_key())
+    box = Outbox(path, cipher=cipher)
+    assert [m.payload for m in box.pending(10)] == [VITALS] * 2
+    box.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    assert db.execute("SELECT value FROM meta WHERE name = 'sealed'").fetchone() == ("2",)
+    db.execute(
+        "INSERT INTO messages (stream, seq, priority, topic, payload, qos, retain, created_at_s, size_bytes)"
+        " VALUES ('prealert', 1, 0, ?, ?, 1, 0, 0, ?)",
+        (SPACE.topic(Stream.PREALERT, UNIT), INJECTED, len(INJECTED)),
+    )
+    db.close()
+    again = Outbox(path, cipher=cipher)
+    assert [m.payload for m in again.pending(10)] == [VITALS] * 2
+    assert again.stats().rejected == 1
+    again.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("topic", "ems/v1/unit/amb13/prealert"),
+        ("qos", 0),
+        ("retain", 1),
+        ("created_at_s", 1.0),
+        ("priority", 9),
+        ("size_bytes", 1),
+    ],
+)
+def test_every_column_the_sender_uses_is_bound_to_the_seal(tmp_path: Path, column: str, value: object) -> None:
+    path = tmp_path / "o.db"
+    cipher = UnitCipher(UNIT, generate_unit_key())
+    ids = sealed_outbox(path, cipher)
+    box = Outbox(path, cipher=cipher)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"UPDATE messages SET {column} = ? WHERE id = ?", (value, ids[1]))
+    db.close()
+    assert [m.id for m in box.pending(10)] == [ids[0], ids[2]]
+    assert box.stats().rejected == 1
+    box.close()
+
+
+def test_rows_sealed_in_the_first_format_are_opened_and_resealed(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    cipher = UnitCipher(UNIT, generate_unit_key())
+    ids = sealed_outbox(path, cipher, 2)
+    db = sqlite3.connect(path, isolation_level=None)  # as the outbox wrote it before the marker: stream|seq only
+    for message_id, stream, seq in db.execute("SELECT id, stream, seq FROM messages").fetchall():
+        old = cipher.seal(VITALS, context=f"outbox|{stream}|{seq}".encode())
+        db.execute("UPDATE messages SET payload = ? WHERE id = ?", (old, message_id))
+    db.execute("DELETE FROM meta")
+    db.close()
+    box = Outbox(path, cipher=cipher)
+    assert [(m.id, m.payload) for m in box.pending(10)] == [(i, VITALS) for i in ids]
+    box.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("UPDATE messages SET topic = 'x' WHERE id = ?", (ids[0],))  # now bound to the topic
+    db.close()
+    again = Outbox(path, cipher=cipher)
+    assert [m.id for m in again.pending(10)] == ids[1:]
+    again.close()
+
+
+def flip_key_id(path: Path, message_ids: list[int]) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    for message_id in message_ids:
+        (blob,) = db.execute("SELECT payload FROM messages WHERE id = ?", (message_id,)).fetchone()
+        blob = bytearray(blob)
+        blob[5] ^= 1  # inside the key id (bytes 4..11)
+        db.execute("UPDATE messages SET payload = ? WHERE id = ?", (bytes(blob), message_id))
+    db.close()
+
+
+def test_one_row_of_an_unknown_key_is_quarantined_and_the_agent_starts(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    cipher = UnitCipher(UNIT, generate_unit_key())
+    ids = sealed_outbox(path, cipher, 4)
+    flip_key_id(path, [ids[-1]])
+    box = Outbox(path, cipher=cipher)
+    assert [m.id for m in box.pending(10)] == ids[:-1]
+    assert box.stats().rejected == 1
+    assert quarantined(path) == {ids[-1]: "sealed with a key this unit does not hold"}
+    box.close()
+
+
+def test_when_no_row_opens_the_start_stops_and_deletes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    cipher = UnitCipher(UNIT, generate_unit_key())
+    ids = sealed_outbox(path, cipher, 3)
+    flip_key_id(path, ids)  # every row of an unknown key: the wrong key is configured
+    with pytest.raises(OutboxError, match="none opens with the configured keys"):
+        Outbox(path, cipher=cipher)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM messages").fetchone() == (3,)
+    assert db.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)
+    db.close()
