@@ -34,6 +34,7 @@ from starlette.types import ASGIApp
 
 from ambulance_agent.app import Agent
 from ambulance_agent.delivery import PreAlertDelivery
+from ambulance_agent.outbox import OutboxFullError
 from broker_config import CaseType, CrewStatus, Findings, Notice, utc_now
 from broker_config.web import server_config
 
@@ -282,6 +283,10 @@ class _LocalOnly(BaseHTTPMiddleware):
         return response
 
 
+_STORAGE_FULL = "NOT SENT: the vehicle computer's storage is full. Phone the hospital, and report the fault."
+"""What the crew reads when the outbox cannot keep a pre-alert or a status (HTTP 507): never a silent failure."""
+
+
 def create_app(agent: Agent, *, allowed_hosts: set[str]) -> FastAPI:
     """The crew screen's FastAPI app for ``agent``; ``allowed_hosts`` are the ``Host`` values it answers."""
     app = FastAPI(title="GoldenHour crew screen", docs_url=None, redoc_url=None, openapi_url=None)
@@ -300,7 +305,10 @@ def create_app(agent: Agent, *, allowed_hosts: set[str]) -> FastAPI:
     async def status(tap: StatusTap) -> CrewState:
         dest = agent.destination.hospital_id if agent.destination is not None else None
         with_destination = tap.status in (CrewStatus.TRANSPORTING, CrewStatus.AT_HOSPITAL, CrewStatus.HANDED_OVER)
-        await agent.set_status(tap.status, destination_hospital_id=dest if with_destination else None)
+        try:
+            await agent.set_status(tap.status, destination_hospital_id=dest if with_destination else None)
+        except OutboxFullError:
+            raise HTTPException(status_code=507, detail=_STORAGE_FULL) from None
         return crew_state(agent)
 
     @app.post("/api/prealert")
@@ -330,7 +338,10 @@ def create_app(agent: Agent, *, allowed_hosts: set[str]) -> FastAPI:
             fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
             raise HTTPException(status_code=422, detail=f"invalid findings: {', '.join(fields)}") from None
         eta_s = form.eta_min * 60 if form.eta_min is not None else None
-        alert_id = await agent.prealert(form.case_type, findings, eta_s=eta_s)
+        try:
+            alert_id = await agent.prealert(form.case_type, findings, eta_s=eta_s)
+        except OutboxFullError:
+            raise HTTPException(status_code=507, detail=_STORAGE_FULL) from None
         return {"alert_id": alert_id}
 
     return app

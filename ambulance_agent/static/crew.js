@@ -39,7 +39,12 @@
         headers: body ? { "Content-Type": "application/json" } : {},
         body: body ? JSON.stringify(body) : undefined,
       });
-      if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+      if (!resp.ok) {
+        // the agent's own words when it has them (a full storage: "NOT SENT ... phone the hospital")
+        let detail = "";
+        try { const b = await resp.json(); detail = typeof b.detail === "string" ? b.detail : ""; } catch (e) { detail = ""; }
+        throw new Error(detail || `HTTP ${resp.status}`);
+      }
       return await resp.json();
     } finally {
       clearTimeout(timer);

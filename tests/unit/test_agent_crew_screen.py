@@ -11,6 +11,7 @@ import pytest
 
 from ambulance_agent.app import Agent
 from ambulance_agent.crew_screen import STATIC, TRAUMA_RED_CRITERIA, create_app
+from ambulance_agent.outbox import OutboxFullError
 from broker_config import BrokerSettings, CaseType, CrewStatus, PreAlert, Status, Stream, TopicSpace, decode
 
 SPACE = TopicSpace("t-crew/")
@@ -107,3 +108,20 @@ async def test_local_only_guards(client: httpx.AsyncClient) -> None:
     assert form_post.status_code == 415
     same = await client.post("/api/status", json={"status": "en_route"}, headers={"origin": f"http://{HOST}"})
     assert same.status_code == 200
+
+
+async def test_a_full_storage_tells_the_crew_the_prealert_was_not_sent(
+    client: httpx.AsyncClient, agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox could not keep it (disk full, nothing left to shed): the crew reads NOT SENT and what to do."""
+
+    def full(*_: object, **__: object) -> int:
+        raise OutboxFullError("disk full")
+
+    monkeypatch.setattr(agent.outbox, "put", full)
+    r = await client.post("/api/prealert", json={"case_type": "stemi"})
+    assert r.status_code == 507
+    assert "NOT SENT" in r.json()["detail"]
+    assert "hospital" in r.json()["detail"]
+    r = await client.post("/api/status", json={"status": "en_route"})
+    assert r.status_code == 507
