@@ -2,7 +2,8 @@
 
 Shape of the data path (FF-01: the receive loop never waits on the database)::
 
-    MqttLink receive loop --on_message: decode + gap check + put_nowait--> bounded asyncio.Queue
+    PahoLink (paho's network thread; batches to the event loop, stops reading at max_queued_incoming waiting)
+        --on_message: decode + gap check + put_nowait--> bounded asyncio.Queue
         --writer task: batches by count (batch_max) and age (batch_age_s)--> Store.write (retried with back-off)
         --after each stored batch--> GapRecord messages published on the gap stream (own task, bounded)
 
@@ -43,9 +44,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-import aiomqtt
 from pydantic import BaseModel
 
 from broker_config import (
@@ -63,11 +63,12 @@ from broker_config import (
     utc_now,
 )
 from broker_config.codec import RejectKind
-from broker_config.connection import Backoff, MqttLink, NotConnectedError
+from broker_config.connection import Backoff, NotConnectedError
 from broker_config.topics import TopicError, loggable
 from telemetry.errors import StoreUnavailableError, WriteError
 from telemetry.gaps import DEFAULT_RESTART_JUMP, Arrival, GapTracker
 from telemetry.ghe1 import EcgHead, check_chunk
+from telemetry.link import PahoLink
 from telemetry.records import GAP_TRACKED_STREAMS, STORED_STREAMS, WriteResult
 from telemetry.store import Store
 
@@ -87,6 +88,18 @@ Item = tuple[ParsedTopic, BaseModel | EcgHead, datetime, bytes | None]
 """A decoded message (or, for ECG into a store that files GHE1 bytes, the checked chunk's header), its receive time
 and, for ECG, the payload bytes (stored as received: already compressed)."""
 OnStored = Callable[[Sequence[Item], datetime], None]
+
+
+class ReceivedMessage(Protocol):
+    """What the receive path hands to the ingest: a paho ``MQTTMessage`` (``str(topic)`` is the topic name)."""
+
+    @property
+    def topic(self) -> object: ...
+
+    @property
+    def payload(self) -> bytes | bytearray: ...
+
+
 T = TypeVar("T")
 _COLLECT_SLICE_S = 0.02
 """Longest nap of the writer while a batch fills (adds at most this to a message's latency)."""
@@ -184,6 +197,8 @@ class StoredWatermarks:
         """A seq more than this above the watermark is a sequence restart (telemetry.gaps): the watermark jumps."""
         self._through: dict[str, dict[str, int]] = {}
         self._above: dict[tuple[str, str], set[int]] = {}
+        self._below: dict[tuple[str, str], int] = {}
+        """Per stream: a seq far below the watermark, waiting for a second to show a restarted counter."""
 
     def seed(self, unit_id: str, stream: Stream, through: int) -> None:
         """Start from ``through`` (an ingest restart: what the store already holds)."""
@@ -196,10 +211,15 @@ class StoredWatermarks:
         through = streams.get(stream.value, -1)
         key = (unit_id, stream.value)
         if seq < through - self.restart_jump:
-            # far below the watermark: a new outbox seeded lower than the old one (its clock had run ahead), not
-            # an old message: the watermark starts again here
-            through = seq - 1
+            # far below the watermark: a late message of the old counter, or the first of a new outbox seeded lower
+            # (its clock had run ahead before): the second of a run just above it decides for a new counter
+            low = self._below.get(key)
+            if low is None or not low < seq <= low + self.restart_jump:
+                self._below[key] = seq
+                return False
+            del self._below[key]
             self._above.pop(key, None)
+            through = low
         elif seq <= through:
             return False
         if seq - through - 1 > self.restart_jump:
@@ -293,6 +313,8 @@ class Ingest:
             publish-to-commit lag.  Must be quick.
         enqueue_timeout_s: how long the receive loop waits for room when the queue is full before it drops the
             message (counted as ``queue_full``; the next message of that stream then shows the gap).
+        max_queued_incoming: messages received but not yet taken by the event loop; at this many the MQTT network
+            thread stops reading (back-pressure, the broker keeps queueing: :class:`telemetry.link.PahoLink`).
         publish_receipts: publish each unit's retained StoreReceipt (forced off with ``share_group``).
         receipt_interval_s: at most one receipt per unit per this many seconds.
         gap_publish_timeout_s, gap_publish_budget_s: bounds of publishing gap records (their own task, never the
@@ -341,7 +363,7 @@ class Ingest:
         self.gap_settle_s = gap_settle_s
         self.on_stored = on_stored
         self.stats = IngestStats()
-        self.link = MqttLink(broker, client_id=client_id, clean_session=False, max_queued_incoming=max_queued_incoming)
+        self.link = PahoLink(broker, client_id=client_id, clean_session=False, max_pending=max_queued_incoming)
         self._lean_ecg = bool(getattr(store, "files_ghe1", False))
         self.ready = asyncio.Event()
         """Set once the resume state is loaded and the receive loop may start."""
@@ -433,15 +455,15 @@ class Ingest:
 
     # --- receive side (runs in the MQTT loop: no I/O, no waiting except for room in the queue) --------------------
 
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
+    async def _on_connect(self, link: PahoLink) -> None:
         filters = subscription_filters(self.space, self.share_group)
-        await client.subscribe([(f, 1) for f in filters], timeout=10)
+        await link.subscribe(filters, qos=1, timeout_s=10)
         logger.info("ingest subscribed filters=%d session=%d", len(filters), self.link.sessions)
 
-    async def _on_message(self, message: aiomqtt.Message) -> None:
+    async def _on_message(self, message: ReceivedMessage) -> None:
         started = time.monotonic()
         received_at = utc_now()
-        topic = message.topic.value
+        topic = str(message.topic)
         payload = message.payload
         self.stats.received += 1
         try:

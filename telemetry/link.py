@@ -1,0 +1,299 @@
+"""The ingest's MQTT connection on paho-mqtt's own network thread, handing messages to asyncio in batches.
+
+Why not :class:`broker_config.connection.MqttLink` (aiomqtt): the ingest receives thousands of QoS 1 messages a
+second, and aiomqtt hands each one to asyncio separately (a queue put and a task wake-up per message); when its
+bounded queue is full it *discards* the message after paho has already sent the PUBACK, so an overloaded ingest
+loses acknowledged messages.  Here paho's network thread reads, acknowledges and appends to a list; the event loop
+is woken once per batch (``call_soon_threadsafe`` when the list goes from empty to non-empty), and when
+``max_pending`` messages wait for the event loop the network thread stops reading (back-pressure: the broker keeps
+queueing for the persistent session, FF-19) instead of dropping anything.
+
+Same contract as MqttLink where the ingest uses it: ``connected``, ``sessions``, ``rejected``, ``backoff``,
+:meth:`run`, :meth:`publish` (bounded wait for the PUBACK), :meth:`wait_connected`; reconnects with capped
+exponential back-off and full jitter, reset only on CONNACK; :class:`AuthError` when the broker refuses us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from broker_config import BrokerSettings
+from broker_config.connection import AuthError, Backoff, NotConnectedError
+from broker_config.topics import loggable
+
+__all__ = ["PahoLink"]
+
+logger = logging.getLogger(__name__)
+
+OnConnect = Callable[["PahoLink"], Awaitable[None]]
+OnMessage = Callable[[paho.MQTTMessage], Awaitable[None] | None]
+
+_AUTH_CODES = {4, 5, 0x86, 0x87, 0x8C}  # v3.1.1 bad credentials / not authorised; v5 same meanings
+_CONNECT_TIMEOUT_S = 10.0
+_YIELD_EVERY = 500
+
+
+def _set_once(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], *args: Any) -> None:
+    """paho callback (network thread) -> resolve ``future`` on the event loop with the reason code.
+
+    on_connect/on_disconnect are called with (client, userdata, flags, reason_code, properties), on_subscribe with
+    (client, userdata, mid, reason_codes, properties): the fourth argument is the reason."""
+    loop.call_soon_threadsafe(_set_once, future, args[3] if len(args) > 3 else None)
+
+
+class PahoLink:
+    """Owns the ingest's MQTT client (MQTT 3.1.1) across reconnects.
+
+    Args:
+        settings: where the broker is (host, port, credentials, TLS, keepalive, reconnect bounds).
+        client_id: fixed client id (with ``clean_session=False`` the broker keeps the session while we are away).
+        max_pending: messages received but not yet taken by the event loop; at this many the network thread
+            waits (stops reading the socket) until the event loop catches up.
+        max_inflight: QoS 1 publishes (receipts, gap records) in flight at once.
+
+    Attributes:
+        connected: set while a session is up (after CONNACK and ``on_connect``).
+        sessions: how many sessions have been established.
+        rejected: messages whose handler raised (counted, logged with the topic only, dropped).
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str,
+        clean_session: bool = True,
+        max_pending: int = 10_000,
+        max_inflight: int = 100,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be positive")
+        self.settings = settings
+        self.client_id = client_id
+        self.clean_session = clean_session
+        self.max_pending = max_pending
+        self.max_inflight = max_inflight
+        self.connected = asyncio.Event()
+        self.sessions = 0
+        self.rejected = 0
+        self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        self._client: paho.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[paho.MQTTMessage] = []
+        self._room = threading.Condition()
+        self._arrived = asyncio.Event()
+        self._acks: dict[int, asyncio.Future[None]] = {}
+
+    # --- network thread -------------------------------------------------------------------------------------------
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with self._room:
+            while len(self._pending) >= self.max_pending and self._client is _client:
+                self._room.wait(0.5)  # back-pressure: the PUBACK and the next read wait for the event loop
+            first = not self._pending
+            self._pending.append(message)
+        if first:
+            loop.call_soon_threadsafe(self._arrived.set)
+
+    def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int, *_: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._acked, mid)
+
+    # --- event loop -----------------------------------------------------------------------------------------------
+
+    def _acked(self, mid: int) -> None:
+        # publish() registers its future before it yields, so this (scheduled on the same loop) never runs first
+        future = self._acks.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def _take(self) -> list[paho.MQTTMessage]:
+        with self._room:
+            batch, self._pending = self._pending, []
+            self._room.notify_all()
+        return batch
+
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=self.clean_session,
+            protocol=paho.MQTTv311,
+            reconnect_on_failure=False,  # run() reconnects, with jitter
+        )
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+        if s.tls:
+            client.tls_set(
+                ca_certs=str(s.ca_file) if s.ca_file else None,
+                certfile=str(s.cert_file) if s.cert_file else None,
+                keyfile=str(s.key_file) if s.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.max_inflight_messages_set(self.max_inflight)
+        client.max_queued_messages_set(0)
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    async def run(self, on_connect: OnConnect | None = None, on_message: OnMessage | None = None) -> None:
+        """Connect, call ``on_connect(self)``, deliver messages to ``on_message`` on the event loop (in arrival
+        order); reconnect forever.  Returns only when cancelled.  Raises :class:`AuthError` if the broker refuses
+        the credentials."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        while True:
+            client = self._make_client()
+            connack: asyncio.Future[Any] = loop.create_future()
+            lost: asyncio.Future[str] = loop.create_future()
+
+            client.on_connect = functools.partial(_resolve_from_thread, loop, connack)
+            client.on_disconnect = functools.partial(_resolve_from_thread, loop, lost)
+            started = False
+            try:
+                try:
+                    await loop.run_in_executor(
+                        None, client.connect, self.settings.host, self.settings.port, self.settings.keepalive_s
+                    )
+                    client.loop_start()
+                    started = True
+                    async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                        await asyncio.wait((connack, lost), return_when=asyncio.FIRST_COMPLETED)
+                    if not connack.done():
+                        raise ConnectionError("closed before CONNACK")
+                    reason = connack.result()
+                except (OSError, TimeoutError, ssl.SSLError) as exc:
+                    logger.warning("mqtt link lost client=%s reason=%s", self.client_id, type(exc).__name__)
+                else:
+                    if reason.is_failure:
+                        if reason.value in _AUTH_CODES:
+                            raise AuthError(f"broker refused client {self.client_id}: not authorised")
+                        logger.warning("mqtt connection refused client=%s reason=%s", self.client_id, reason)
+                    else:
+                        try:
+                            await self._session(client, lost, on_connect, on_message)
+                        except NotConnectedError as exc:  # the subscription was not acknowledged
+                            logger.warning("mqtt session failed client=%s reason=%s", self.client_id, exc)
+            finally:
+                self._client = None
+                self.connected.clear()
+                for future in self._acks.values():
+                    if not future.done():
+                        future.set_exception(NotConnectedError("broker link lost before the acknowledgement"))
+                self._acks.clear()
+                client.disconnect()
+                with self._room:
+                    self._room.notify_all()
+                if started:
+                    await asyncio.shield(loop.run_in_executor(None, client.loop_stop))
+            delay = self.backoff.next_delay_s()
+            logger.info("mqtt reconnect client=%s in %.2f s", self.client_id, delay)
+            await asyncio.sleep(delay)
+
+    async def _session(
+        self,
+        client: paho.Client,
+        lost: asyncio.Future[str],
+        on_connect: OnConnect | None,
+        on_message: OnMessage | None,
+    ) -> None:
+        self.backoff.reset()
+        self._client = client
+        self.sessions += 1
+        if on_connect is not None:
+            await on_connect(self)
+        self.connected.set()
+        logger.info("mqtt connected client=%s broker=%s", self.client_id, self.settings.url)
+        while not lost.done():
+            self._arrived.clear()
+            batch = self._take()
+            if not batch:
+                waiter = asyncio.ensure_future(self._arrived.wait())
+                await asyncio.wait((waiter, lost), return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                continue
+            await self._deliver(batch, on_message)
+        await self._deliver(self._take(), on_message)  # acknowledged before the loss: still ours
+        logger.warning("mqtt link lost client=%s reason=%s", self.client_id, lost.result())
+
+    async def _deliver(self, batch: Sequence[paho.MQTTMessage], on_message: OnMessage | None) -> None:
+        if on_message is None:
+            return
+        for i, message in enumerate(batch):
+            if i and not i % _YIELD_EVERY:
+                await asyncio.sleep(0)  # a long batch must not starve the writer
+            try:
+                result = on_message(message)
+                if result is not None:
+                    await result
+            except Exception:  # noqa: BLE001 - the per-message error boundary
+                self.rejected += 1
+                logger.warning("handler failed topic=%s bytes=%d", loggable(message.topic), len(message.payload))
+
+    async def subscribe(self, filters: Sequence[str], *, qos: int = 1, timeout_s: float = 10) -> None:
+        """Subscribe to ``filters`` and wait for the SUBACK.  Raises NotConnectedError."""
+        client = self._client
+        loop = asyncio.get_running_loop()
+        if client is None:
+            raise NotConnectedError("broker link is down")
+        done: asyncio.Future[None] = loop.create_future()
+
+        client.on_subscribe = functools.partial(_resolve_from_thread, loop, done)
+        rc, _mid = client.subscribe([(f, qos) for f in filters])
+        if rc != paho.MQTT_ERR_SUCCESS:
+            raise NotConnectedError(f"subscribe refused: {paho.error_string(rc)}")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await done
+        except TimeoutError:
+            raise NotConnectedError("subscription not acknowledged") from None
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False, timeout_s: float = 10
+    ) -> None:
+        """Publish and, for QoS 1, wait (bounded by ``timeout_s``) for the broker's PUBACK.
+
+        Raises:
+            NotConnectedError: the link is down, or it dropped or timed out before the acknowledgement.
+        """
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise NotConnectedError("broker link is down")
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise NotConnectedError(f"publish refused: {paho.error_string(info.rc)}")
+        if qos == 0:
+            return
+        mid = info.mid
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[mid] = future
+        try:
+            async with asyncio.timeout(timeout_s):
+                await future
+        except TimeoutError:
+            raise NotConnectedError("publish not confirmed: TimeoutError") from None
+        finally:
+            self._acks.pop(mid, None)
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        """Wait until a session is up.  Raises TimeoutError."""
+        async with asyncio.timeout(timeout_s):
+            await self.connected.wait()
