@@ -254,6 +254,7 @@ def banner(running: DemoRunning) -> None:
         f"  Broker: {running.broker.url}\n"
         "Three ambulances are streaming real MIT-BIH ECG; AMB1 will raise a STEMI pre-alert. Ctrl-C stops.\n"
         "Development accounts (random passwords, shown only now; sign in as 'ed' on the board):\n"
+        f"  {'user':<11} {'role':<18} {'scope':<8} password\n"
         + "".join(
             f"  {a.username:<11} {a.role.value:<18} {a.hospital_id or a.unit_id or '':<8} {a.password}\n"
             for a in running.accounts
