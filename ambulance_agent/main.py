@@ -80,6 +80,8 @@ def build(settings: AgentSettings) -> Built:
     gps: GpsSource | None = None
     if settings.nmea_tcp is not None:
         gps = NmeaGpsSource(tcp=parse_host_port(settings.nmea_tcp), baud=settings.nmea_baud)
+    elif settings.nmea_gpsd is not None:
+        gps = NmeaGpsSource(gpsd=parse_host_port(settings.nmea_gpsd), baud=settings.nmea_baud)
     elif settings.nmea_device is not None:
         gps = NmeaGpsSource(device=settings.nmea_device, baud=settings.nmea_baud)
     video: Source[CameraFrame] | None = None

@@ -93,6 +93,8 @@ class AgentSettings(BaseSettings):
     mllp_host: str = "127.0.0.1"
     mllp_allow_remote: bool = False
     nmea_tcp: str | None = None
+    nmea_gpsd: str | None = None
+    """A gpsd daemon's ``host:port`` (usually 127.0.0.1:2947): its receivers' NMEA, checked as from a serial port."""
     nmea_device: Path | None = None
     nmea_baud: int = 4800
     pace: Annotated[float, Field(ge=0, le=1000)] = 1.0
@@ -144,7 +146,7 @@ class AgentSettings(BaseSettings):
             return tuple(c.strip() for c in value.split(",") if c.strip())
         return value
 
-    @field_validator("nmea_tcp")
+    @field_validator("nmea_tcp", "nmea_gpsd")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None:
@@ -170,8 +172,8 @@ class AgentSettings(BaseSettings):
     def _consistent(self) -> AgentSettings:
         if self.mllp_port is not None and self.vitals_numerics_record is not None:
             raise ValueError("choose one vitals source: mllp_port or vitals_numerics_record")
-        if self.nmea_tcp is not None and self.nmea_device is not None:
-            raise ValueError("choose one GPS source: nmea_tcp or nmea_device")
+        if sum(x is not None for x in (self.nmea_tcp, self.nmea_gpsd, self.nmea_device)) > 1:
+            raise ValueError("choose one GPS source: nmea_tcp, nmea_gpsd or nmea_device")
         if self.mllp_port is not None and not self.mllp_allow_remote:
             try:
                 loopback = ipaddress.ip_address(self.mllp_host).is_loopback

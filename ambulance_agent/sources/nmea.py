@@ -17,8 +17,10 @@ believing it (FF-05).  Never (0, 0).
 
 Transports:
 
-* ``tcp=(host, port)``: a TCP NMEA feed (gpsd's raw port 2947 with ``?WATCH={"raw":1}`` is not spoken; use a
-  plain NMEA-over-TCP bridge such as ``gpsd -N``'s NMEA re-export, ``ser2net`` or a receiver's own TCP server);
+* ``tcp=(host, port)``: a TCP NMEA feed (``ser2net``, a receiver's own TCP server);
+* ``gpsd=(host, port)``: a gpsd daemon (port 2947): the source asks it for the NMEA its receivers send
+  (``?WATCH={"enable":true,"nmea":true}``, gpsd's client protocol) and skips gpsd's own JSON reports, so the
+  sentences go through the same checks as from a serial port (gpsd shares the receiver with other programs);
 * ``device=Path``: a serial device (``/dev/ttyUSB0``, ``/dev/ttyACM0``) or a pseudo-terminal, opened with pyserial
   through ``pyserial-asyncio-fast`` (8N1, raw, no flow control, at ``baud``; pyserial discards what was buffered
   before the open, which the next epoch replaces within a second), or a FIFO, read as a pipe; neither blocks the loop.
@@ -59,6 +61,10 @@ def parse_host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError("expected host:port with a port in 1-65535")
     return host.strip("[]"), int(port_text)
+
+
+GPSD_WATCH = b'?WATCH={"enable":true,"nmea":true};\n'
+"""gpsd client protocol: stream the NMEA sentences of every receiver gpsd reads (gpsd(8), "?WATCH")."""
 
 
 class EpochMerger:
@@ -160,6 +166,7 @@ class NmeaGpsSource:
         *,
         tcp: tuple[str, int] | None = None,
         device: Path | None = None,
+        gpsd: tuple[str, int] | None = None,
         baud: int = 4800,
         hold_s: float = 0.5,
         silence_s: float = 5.0,
@@ -170,13 +177,14 @@ class NmeaGpsSource:
         clock: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if (tcp is None) == (device is None):
-            raise ValueError("give exactly one of tcp=(host, port) and device=path")
+        if sum(x is not None for x in (tcp, device, gpsd)) != 1:
+            raise ValueError("give exactly one of tcp=(host, port), gpsd=(host, port) and device=path")
         if baud not in _BAUD_RATES:
             raise ValueError(f"unsupported baud rate {baud}; one of {sorted(_BAUD_RATES)}")
         if hold_s <= 0 or silence_s <= hold_s:
             raise ValueError("need 0 < hold_s < silence_s")
         self.tcp = tcp
+        self.gpsd = gpsd
         self.device = device
         self.baud = baud
         self.hold_s = hold_s
@@ -195,10 +203,13 @@ class NmeaGpsSource:
         return self._readings()
 
     async def _open(self) -> tuple[asyncio.StreamReader, Callable[[], None]]:
-        if self.tcp is not None:
-            host, port = self.tcp
+        if self.tcp is not None or self.gpsd is not None:
+            host, port = self.tcp or self.gpsd  # type: ignore[misc]
             async with asyncio.timeout(self.connect_timeout_s):
                 stream, writer = await asyncio.open_connection(host, port, limit=_MAX_LINE_BYTES * 4)
+                if self.gpsd is not None:
+                    writer.write(GPSD_WATCH)
+                    await writer.drain()
             return stream, writer.close
         assert self.device is not None
         return await open_device(self.device, self.baud)
@@ -276,6 +287,8 @@ class NmeaGpsSource:
                     self.reader.rejects.record(NmeaReason.TOO_LONG)
                     logger.warning("nmea: rejected a line: %s", NmeaReason.TOO_LONG.value)
                     line = b""
+                if self.gpsd is not None and line.startswith(b"{"):
+                    line = b""  # gpsd's own JSON report (VERSION, DEVICES, WATCH): not a sentence, not a reject
                 fix = self.reader.feed(line) if line else None
                 if fix is not None and (done := merger.add(fix)) is not None:
                     yield done
