@@ -50,7 +50,7 @@ from pydantic import BaseModel, ValidationError
 from ambulance_agent.crypto import UnitCipher
 from ambulance_agent.delivery import DeliveryTracker
 from ambulance_agent.heart_rate import HeartRateEstimator, HeartRateResult, heart_rate_from_ecg
-from ambulance_agent.outbox import Outbox, OutboxMessage
+from ambulance_agent.outbox import DEFAULT_MAX_BYTES, Outbox, OutboxMessage
 from ambulance_agent.sources.base import (
     EcgBlock,
     EcgSource,
@@ -209,7 +209,7 @@ class Agent:
         vitals: VitalsSource | None,
         gps: GpsSource | None,
         vitals_interval_s: float = 2.0,
-        outbox_max_bytes: int = 64 * 1024 * 1024,
+        outbox_max_bytes: int = DEFAULT_MAX_BYTES,
         max_in_flight: int = 16,
         publish_timeout_s: float = 5.0,
         retry_delay_s: float = 0.5,

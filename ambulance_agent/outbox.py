@@ -141,6 +141,10 @@ def seq_seed(now_s: float) -> int:
     return 2**61 + secrets.randbelow(2**61)
 
 
+DEFAULT_MAX_BYTES = 2 * 1024**3
+"""Default payload budget: 2 GiB, hours of 12-lead ECG in a tunnel or a dead zone (a vehicle computer's disk)."""
+
+
 class OutboxError(RuntimeError):
     """The outbox file cannot be used (corrupt, unwritable, wrong key), or a protected message cannot be stored
     because the disk is full even after shedding every sheddable message (show it to the crew)."""
@@ -206,7 +210,7 @@ class Outbox:
         self,
         path: Path,
         *,
-        max_bytes: int = 64 * 1024 * 1024,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         wall_clock_s: Callable[[], float] = time.time,
         cipher: UnitCipher | None = None,
         reserve_bytes: int = 128 * 1024,

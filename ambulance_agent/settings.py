@@ -40,6 +40,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ambulance_agent.crypto import CryptoError, UnitCipher, development_unit_key, load_unit_key
+from ambulance_agent.outbox import DEFAULT_MAX_BYTES
 from ambulance_agent.sources.ecg_stream import STANDARD_12_LEADS, parse_stream_target
 from ambulance_agent.sources.nmea import parse_host_port
 from broker_config import BrokerSettings, valid_id
@@ -62,7 +63,7 @@ class AgentSettings(BaseSettings):
     topic_prefix: str = ""
 
     outbox_path: Path = Path("goldenhour-agent") / "outbox.sqlite3"
-    outbox_max_bytes: Annotated[int, Field(ge=1_048_576)] = 64 * 1024 * 1024
+    outbox_max_bytes: Annotated[int, Field(ge=1_048_576)] = DEFAULT_MAX_BYTES
     security_mode: SecurityMode = Field(
         SecurityMode.PRODUCTION, validation_alias=AliasChoices("security_mode", "EMS_SECURITY_MODE")
     )
