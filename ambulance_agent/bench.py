@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -179,76 +179,72 @@ async def broker_for(url: str | None) -> AsyncIterator[BrokerSettings]:
 
 
 @contextlib.asynccontextmanager
-async def nmea_feed() -> AsyncIterator[int]:
-    """A TCP NMEA feed replaying a real receiver log one epoch per second, looping."""
-    lines = [ln + b"\r\n" for ln in NMEA_LOG.read_bytes().splitlines() if ln.startswith(b"$")]
-    stop = asyncio.Event()
-    clients: set[asyncio.Task[None]] = set()
-
-    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        clients.add(task)
-        i = 0
-        with contextlib.suppress(ConnectionError):
-            while not stop.is_set():
-                epoch = []
-                while True:
-                    line = lines[i % len(lines)]
-                    i += 1
-                    epoch.append(line)
-                    if line.startswith(b"$GPRMC"):
-                        break
-                writer.write(b"".join(epoch))
-                await writer.drain()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await stop.wait()
-        writer.close()
-        clients.discard(task)
-
-    server = await asyncio.start_server(client, "127.0.0.1", 0)
-    try:
-        yield int(server.sockets[0].getsockname()[1])
-    finally:
-        stop.set()
-        server.close()
-        await asyncio.gather(*clients, return_exceptions=True)
-
-
-@contextlib.asynccontextmanager
-async def ecg_stream_feed(replay: WfdbEcgReplay, period_s: float = 0.1) -> AsyncIterator[int]:
-    """A monitor's raw waveform output on a local TCP port: the record's frames (interleaved little-endian int16, one
-    per lead per sampling instant) in real time, ``period_s`` worth per write, looping."""
-    frames = np.ascontiguousarray(replay.record_samples().T).astype("<i2")
-    step = max(1, round(replay.fs_hz * period_s))
-    stop = asyncio.Event()
+async def _loopback_feed(chunks: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 writing ``chunks()`` (a fresh, self-paced iterator per client) until the feed is
+    left; yields its port.  A device's output as the agent meets it: a socket."""
     clients: set[asyncio.Task[None]] = set()
 
     async def client(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         clients.add(task)
-        t0 = time.monotonic()
-        k = 0
-        with contextlib.suppress(ConnectionError):
-            while not stop.is_set():
-                start = k * step % len(frames)
-                chunk = frames[start : start + step]
-                writer.write(chunk.tobytes())
-                await writer.drain()
-                k += 1
-                await asyncio.sleep(max(0.0, t0 + k * step / replay.fs_hz - time.monotonic()))
-        writer.close()
-        clients.discard(task)
+        try:
+            # CancelledError: the feed's own shutdown (below); ending quietly keeps asyncio's stream callback from
+            # reporting the handler task as failed
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                async for data in chunks():
+                    writer.write(data)
+                    await writer.drain()
+        finally:
+            writer.close()
+            clients.discard(task)
 
     server = await asyncio.start_server(client, "127.0.0.1", 0)
     try:
         yield int(server.sockets[0].getsockname()[1])
     finally:
-        stop.set()
         server.close()
+        for task in list(clients):
+            task.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
+
+
+def nmea_feed() -> contextlib.AbstractAsyncContextManager[int]:
+    """A TCP NMEA feed replaying a real receiver log one epoch per second, looping."""
+    lines = [ln + b"\r\n" for ln in NMEA_LOG.read_bytes().splitlines() if ln.startswith(b"$")]
+
+    async def epochs() -> AsyncIterator[bytes]:
+        i = 0
+        while True:
+            epoch = []
+            while True:
+                line = lines[i % len(lines)]
+                i += 1
+                epoch.append(line)
+                if line.startswith(b"$GPRMC"):
+                    break
+            yield b"".join(epoch)
+            await asyncio.sleep(1.0)
+
+    return _loopback_feed(epochs)
+
+
+def ecg_stream_feed(replay: WfdbEcgReplay, period_s: float = 0.1) -> contextlib.AbstractAsyncContextManager[int]:
+    """A monitor's raw waveform output on a local TCP port: the record's frames (interleaved little-endian int16, one
+    per lead per sampling instant) in real time, ``period_s`` worth per write, looping."""
+    frames = np.ascontiguousarray(replay.record_samples().T).astype("<i2")
+    step = max(1, round(replay.fs_hz * period_s))
+
+    async def waveform() -> AsyncIterator[bytes]:
+        t0 = time.monotonic()
+        k = 0
+        while True:
+            start = k * step % len(frames)
+            yield frames[start : start + step].tobytes()
+            k += 1
+            await asyncio.sleep(max(0.0, t0 + k * step / replay.fs_hz - time.monotonic()))
+
+    return _loopback_feed(waveform)
 
 
 _MDC_UNITS = {

@@ -528,6 +528,7 @@ def _board_main(
     logging.getLogger("hospital_board.feed").setLevel(logging.ERROR)
     import uvicorn
 
+    from broker_config.web import server_config
     from hospital_board.main import create_app
     from hospital_board.settings import BoardSettings
 
@@ -545,7 +546,7 @@ def _board_main(
         sock.listen(128)
         sockets.append(sock)
     ports.put([sock.getsockname()[1] for sock in sockets])
-    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+    config = server_config(create_app(settings), log_level="warning", access_log=False, timeout_graceful_shutdown=1)
     uvicorn.Server(config).run(sockets=sockets)
 
 
