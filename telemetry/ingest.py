@@ -101,6 +101,8 @@ class ReceivedMessage(Protocol):
 
 
 T = TypeVar("T")
+_RECEIPT_ROUND = 500
+"""Receipts published together (each awaits its own PUBACK) before the next group starts."""
 _COLLECT_SLICE_S = 0.02
 """Longest nap of the writer while a batch fills (adds at most this to a message's latency)."""
 
@@ -373,6 +375,7 @@ class Ingest:
         self._unpublished: deque[GapRecord] = deque(maxlen=10_000)
         self._inflight: list[Item] = []
         self._changed = asyncio.Event()
+        self._watchers = 0
         self._gaps_wakeup = asyncio.Event()
         self.gap_publish_timeout_s = gap_publish_timeout_s
         self.gap_publish_budget_s = gap_publish_budget_s
@@ -396,7 +399,7 @@ class Ingest:
         await self.resume()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.link.run(self._on_connect, self._on_message), name="ingest-mqtt")
+                tg.create_task(self.link.run(self._on_connect, self._receive), name="ingest-mqtt")
                 tg.create_task(self._writer(), name="ingest-writer")
                 tg.create_task(self._gap_publisher(), name="ingest-gaps")
                 if self.publish_receipts:
@@ -434,13 +437,24 @@ class Ingest:
         """Wait until ``predicate(self.stats)`` holds (checked after every change).  Raises TimeoutError."""
         async with asyncio.timeout(timeout_s):
             while not predicate(self.stats):
-                await self._changed.wait()
+                await self.changed()
+
+    async def changed(self) -> None:
+        """Return at the next change of :attr:`stats` (for callers that watch several ingests at once)."""
+        self._watchers += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._watchers -= 1
 
     def _notify(self) -> None:
-        self.stats.queue_depth = self._queue.qsize()
-        self.stats.queue_high_water = max(self.stats.queue_high_water, self.stats.queue_depth)
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        depth = self._queue.qsize()
+        self.stats.queue_depth = depth
+        if depth > self.stats.queue_high_water:
+            self.stats.queue_high_water = depth
+        if self._watchers:  # only wait_until() listens: no Event churn per message otherwise
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
 
     async def _with_retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         backoff = Backoff(self.retry_min_s, self.retry_max_s)
@@ -461,6 +475,16 @@ class Ingest:
         logger.info("ingest subscribed filters=%d session=%d", len(filters), self.link.sessions)
 
     async def _on_message(self, message: ReceivedMessage) -> None:
+        """Receive one message, waiting for room in the queue if it must (see :meth:`_receive`)."""
+        pending = self._receive(message)
+        if pending is not None:
+            await pending
+
+    def _receive(self, message: ReceivedMessage) -> Awaitable[None] | None:
+        """The receive loop's handler: decode, enqueue, gap-check, without a coroutine per message.
+
+        Returns None when the message is dealt with; an awaitable only when the queue is full and the loop must
+        wait for room (back-pressure, bounded by ``enqueue_timeout_s``)."""
         started = time.monotonic()
         received_at = utc_now()
         topic = str(message.topic)
@@ -482,12 +506,33 @@ class Ingest:
                 size,
             )
             self._notify()
-            return
+            return None
         if parsed.stream not in STORED_STREAMS:
             self.stats.ignored[parsed.stream] += 1
-            return
+            return None
         wire = bytes(payload) if parsed.stream is Stream.ECG else None
-        if not await self._enqueue((parsed, model, received_at, wire)):
+        item: Item = (parsed, model, received_at, wire)
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            return self._receive_waiting(item)
+        if self.detect_gaps and parsed.stream in GAP_TRACKED_STREAMS:
+            gap = self._track(parsed, model, received_at)
+            if gap is not None:
+                try:
+                    self._queue.put_nowait(gap)
+                except asyncio.QueueFull:
+                    return self._enqueue_gap(gap)
+        self._notify()
+        elapsed = time.monotonic() - started
+        if elapsed > self.stats.handler_max_s:
+            self.stats.handler_max_s = elapsed
+        return None
+
+    async def _receive_waiting(self, item: Item) -> None:
+        """:meth:`_receive` with a full queue: wait (bounded) for room, drop and count past the deadline."""
+        parsed, model, received_at = item[0], item[1], item[2]
+        if not await self._enqueue(item):
             self.stats.rejected[RejectReason.QUEUE_FULL] += 1
             logger.warning(
                 "message dropped, queue full unit=%s stream=%s seq=%s",
@@ -498,9 +543,14 @@ class Ingest:
             self._notify()
             return
         if self.detect_gaps and parsed.stream in GAP_TRACKED_STREAMS:
-            await self._track(parsed, model, received_at)
+            gap = self._track(parsed, model, received_at)
+            if gap is not None:
+                await self._enqueue_gap(gap)
         self._notify()
-        self.stats.handler_max_s = max(self.stats.handler_max_s, time.monotonic() - started)
+
+    async def _enqueue_gap(self, gap: Item) -> None:
+        if not await self._enqueue(gap):
+            logger.error("gap record dropped, queue full unit=%s stream=%s", gap[0].owner_id, gap[1].stream)  # type: ignore[union-attr]
 
     def _decode(self, topic: str, payload: bytes) -> tuple[ParsedTopic, BaseModel | EcgHead]:
         """The codec's decode; for ECG into a store that files GHE1 bytes, the lean complete check instead (no
@@ -530,7 +580,8 @@ class Ingest:
                 return False
         return True
 
-    async def _track(self, parsed: ParsedTopic, model: BaseModel | EcgHead, received_at: datetime) -> None:
+    def _track(self, parsed: ParsedTopic, model: BaseModel | EcgHead, received_at: datetime) -> Item | None:
+        """Gap-check one enqueued message; returns the GapRecord item to store when it opens a gap or a restart."""
         unit_id = parsed.owner_id
         seq = int(getattr(model, "seq", 0))
         observed = self._tracker.observe(unit_id, parsed.stream, seq)
@@ -557,14 +608,13 @@ class Ingest:
             else:
                 self.stats.gaps_detected += 1
                 logger.warning("sequence gap unit=%s stream=%s from_seq=%d to_seq=%d", unit_id, parsed.stream, lo, hi)
-            gap_topic = ParsedTopic(Scope.TELEMETRY, unit_id, Stream.GAP)
-            if not await self._enqueue((gap_topic, record, received_at, None)):
-                logger.error("gap record dropped, queue full unit=%s stream=%s", unit_id, parsed.stream)
-        elif observed.arrival is Arrival.LATE_FILL:
+            return (ParsedTopic(Scope.TELEMETRY, unit_id, Stream.GAP), record, received_at, None)
+        if observed.arrival is Arrival.LATE_FILL:
             self.stats.late_fills += 1
             if observed.gap_closed:
                 self.stats.gaps_closed += 1
                 logger.info("sequence gap filled unit=%s stream=%s seq=%d", unit_id, parsed.stream, seq)
+        return None
 
     # --- write side -----------------------------------------------------------------------------------------------
 
@@ -691,10 +741,12 @@ class Ingest:
             now = time.monotonic()
             due = [unit_id for unit_id, at in self._receipt_due.items() if at <= now]
             if due and self.link.connected.is_set():
-                for unit_id in due:
-                    published = await self._publish_receipt(unit_id)
+                # one round in flight together (paho queues beyond its in-flight window): a round costs one round
+                # trip to the broker, not one per unit
+                for start in range(0, len(due), _RECEIPT_ROUND):
+                    published = await asyncio.gather(*map(self._publish_receipt, due[start : start + _RECEIPT_ROUND]))
                     _reraise_if_cancelling()
-                    if not published:
+                    if not all(published):
                         break
                 continue
             wait_s = min((at - now for at in self._receipt_due.values()), default=1.0)

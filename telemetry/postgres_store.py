@@ -97,6 +97,11 @@ PG_ECG = TableSpec(
 """The PostgreSQL ECG table (migration 0002): samples kept as the GHE1 message (lossless delta-zlib, about one byte
 per sample) rather than raw int16, plus ``end_at`` so that a window query reads only the chunks it needs."""
 
+_DIRECT = frozenset({Stream.ECG, Stream.GPS})
+"""Streams copied straight into their table when no message of the batch is stored yet (:meth:`PostgresStore.
+_copy_direct`).  Vitals always go through the staging table: a message is a no-op as a whole when its (unit, seq) is
+stored, even with other codes (``_NEW_VITALS_MESSAGE``), which a unique key on (unit, seq, code) cannot say."""
+
 _PARTITION_TIME: dict[Stream, str] = {Stream.ECG: "start_at", Stream.VITALS: "measured_at", Stream.GPS: "sent_at"}
 """Partition key of each time-partitioned stream: a time carried in the payload, so a redelivery lands in the same
 partition and hits the same unique key."""
@@ -165,6 +170,13 @@ def _stored_adc(samples: bytes | None, ghe1: bytes | None) -> bytes:
 
 
 _FIELD_BY_LOINC = {c.loinc: c.field for c in VITAL_CODES}
+_LATEST_VITALS = (
+    "SELECT unit_id, json_agg(json_build_array(loinc, mdc_code, ucum, value,"
+    " (extract(epoch FROM measured_at) * 1000000)::bigint, seq, historical))::text"
+    " FROM vitals_latest GROUP BY unit_id"
+)
+"""Latest vitals of every unit: per unit a JSON array of ``[loinc, mdc_code, ucum, value, measured_at_us, seq,
+historical]`` (:class:`telemetry.records.VitalsByCode`)."""
 
 
 def utc_conninfo(url: str, *, application_name: str = "goldenhour-telemetry", connect_timeout_s: int = 5) -> str:
@@ -185,14 +197,22 @@ def _stage(spec: TableSpec) -> sql.Identifier:
     return sql.Identifier(f"stage_{spec.name}")
 
 
-def _adapt(value: object) -> object:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, dict):
-        return Jsonb(value)
-    if isinstance(value, datetime):
-        return as_utc(value)
-    return value
+def _adapters(spec: TableSpec) -> tuple[tuple[int, type], ...]:
+    """(column index, wrapper) for the columns of ``spec`` whose Python values psycopg needs wrapped: arrays kept as
+    tuples in a row become lists, jsonb dicts :class:`Jsonb`.  Times need nothing: the models' datetimes are aware
+    UTC, and psycopg refuses a naive one for ``timestamptz`` (TypeError) rather than guess its zone."""
+    cached = _ADAPTERS.get(spec.name)
+    if cached is None:
+        cached = tuple(
+            (i, list if pg_type.endswith("[]") else Jsonb)
+            for i, pg_type in enumerate(spec.pg_types)
+            if pg_type.endswith("[]") or pg_type == "jsonb"
+        )
+        _ADAPTERS[spec.name] = cached
+    return cached
+
+
+_ADAPTERS: dict[str, tuple[tuple[int, type], ...]] = {}
 
 
 class _Session:
@@ -432,7 +452,9 @@ class PostgresStore:
                 for stream in sorted(grouped):
                     messages = grouped[stream]
                     spec = PG_ECG if stream is Stream.ECG else TABLES[stream]
-                    inserted = await self._copy_insert(cur, spec, messages)
+                    inserted = await self._copy_direct(conn, cur, spec, messages) if stream in _DIRECT else None
+                    if inserted is None:
+                        inserted = await self._copy_insert(cur, spec, messages)
                     if inserted:
                         result.inserted[stream] += inserted
                     if len(messages) > inserted:
@@ -440,24 +462,40 @@ class PostgresStore:
                     if stream is Stream.VITALS:
                         await cur.execute(_UPSERT_LATEST)
                     if stream in _PARTITION_TIME:
+                        heads: dict[str, int] = {}
+                        for rows in messages:
+                            unit_id, seq = rows[0][0], rows[0][1]
+                            if seq > heads.get(unit_id, -1):
+                                heads[unit_id] = seq
+                        ordered = sorted(heads)
                         await cur.execute(
-                            sql.SQL(
-                                "INSERT INTO stream_head (unit_id, stream, max_seq)"
-                                " SELECT unit_id, {}, max(seq) FROM {} GROUP BY unit_id ORDER BY unit_id"
-                                " ON CONFLICT (unit_id, stream) DO UPDATE SET max_seq = excluded.max_seq"
-                                " WHERE excluded.max_seq > stream_head.max_seq"
-                            ).format(sql.Literal(stream.value), _stage(spec))
+                            "INSERT INTO stream_head (unit_id, stream, max_seq)"
+                            " SELECT u, %s, s FROM unnest(%s::text[], %s::bigint[]) AS h(u, s)"
+                            " ON CONFLICT (unit_id, stream) DO UPDATE SET max_seq = excluded.max_seq"
+                            " WHERE excluded.max_seq > stream_head.max_seq",
+                            (stream.value, ordered, [heads[u] for u in ordered]),
                         )
 
     @staticmethod
+    async def _copy_direct(
+        conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any], spec: TableSpec, messages: list[list[Row]]
+    ) -> int | None:
+        """The common case, no message already stored: binary COPY straight into the table, inside a savepoint.
+        Returns the messages inserted, or None when a unique key was hit (a redelivery or a replay: the savepoint is
+        rolled back and the caller goes through the staging table, which sorts new from already stored)."""
+        if len({(rows[0][0], rows[0][1]) for rows in messages}) != len(messages):
+            return None  # the same message twice in one batch
+        try:
+            async with conn.transaction():
+                await PostgresStore._copy_rows(cur, spec, sql.Identifier(spec.name), messages)
+        except psycopg.errors.UniqueViolation:
+            return None
+        return len(messages)
+
+    @staticmethod
     async def _copy_insert(cur: psycopg.AsyncCursor[Any], spec: TableSpec, messages: list[list[Row]]) -> int:
+        await PostgresStore._copy_rows(cur, spec, _stage(spec), messages)
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in spec.columns)
-        copy_stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(_stage(spec), columns)
-        async with cur.copy(copy_stmt) as copy:
-            copy.set_types(list(spec.pg_types))
-            for rows in messages:
-                for row in rows:
-                    await copy.write_row([_adapt(v) for v in row])
         insert = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} s {} ON CONFLICT DO NOTHING RETURNING {}").format(
             sql.Identifier(spec.name),
             columns,
@@ -469,6 +507,26 @@ class PostgresStore:
         await cur.execute(insert)
         keys = {tuple(r) for r in await cur.fetchall()}
         return len(keys)
+
+    @staticmethod
+    async def _copy_rows(
+        cur: psycopg.AsyncCursor[Any], spec: TableSpec, target: sql.Identifier, messages: list[list[Row]]
+    ) -> None:
+        columns = sql.SQL(", ").join(sql.Identifier(c) for c in spec.columns)
+        copy_stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
+        adapters = _adapters(spec)
+        async with cur.copy(copy_stmt) as copy:
+            copy.set_types(list(spec.pg_types))
+            for rows in messages:
+                for row in rows:
+                    if adapters:
+                        values = list(row)
+                        for i, wrap in adapters:
+                            if values[i] is not None:
+                                values[i] = wrap(values[i])
+                        await copy.write_row(values)
+                    else:
+                        await copy.write_row(row)
 
     async def _fetch(
         self,
@@ -496,15 +554,12 @@ class PostgresStore:
     async def latest_vitals(self) -> dict[str, LatestVitals]:
         """Per unit: the latest value of each vital code (from ``vitals_latest``, kept by every write).
 
-        One row per unit with the codes as parallel arrays (the server groups; each unit's
-        :class:`telemetry.records.VitalsByCode` builds its values when first read).
+        One row per unit, its codes as one JSON text built by the server (a thousand rows of two strings cross the
+        wire and the driver far faster than parallel arrays of typed values); each unit's
+        :class:`telemetry.records.VitalsByCode` parses its values when first read.
         """
-        rows = await self._fetch(
-            "SELECT unit_id, array_agg(loinc), array_agg(mdc_code), array_agg(ucum), array_agg(value),"
-            " array_agg(measured_at), array_agg(seq), array_agg(historical) FROM vitals_latest GROUP BY unit_id",
-            binary=True,
-        )
-        return {row[0]: LatestVitals(row[0], VitalsByCode(row[1:], _FIELD_BY_LOINC)) for row in rows}
+        rows = await self._fetch(_LATEST_VITALS)
+        return {unit_id: LatestVitals(unit_id, VitalsByCode(entries, _FIELD_BY_LOINC)) for unit_id, entries in rows}
 
     async def ecg_window(self, unit_id: str, seconds: float) -> EcgWindow | None:
         """The unit's last ``seconds`` of ECG; see :func:`telemetry.store.assemble_window`.

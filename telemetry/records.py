@@ -6,15 +6,17 @@ UCUM as fixed by the FHIR R4 vital-signs profiles).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
 from broker_config import Stream
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 __all__ = [
     "STORED_STREAMS",
@@ -91,23 +93,26 @@ class VitalValue:
 
 
 class VitalsByCode(Mapping[str, VitalValue]):
-    """A unit's latest values keyed by LOINC code, built from parallel columns on first access (the board's query
-    returns every unit at once; a unit's values cost nothing until they are read)."""
+    """A unit's latest values keyed by LOINC code, parsed on first access (the board's query returns every unit at
+    once; a unit's values cost nothing until they are read)."""
 
-    __slots__ = ("_columns", "_values")
+    __slots__ = ("_pending", "_values")
 
-    def __init__(self, columns: Sequence[Sequence[Any]], field_of: Mapping[str, str]) -> None:
-        """``columns``: loinc, mdc_code, ucum, value, measured_at, seq, historical, each one entry per code."""
-        self._columns: tuple[Sequence[Any], Mapping[str, str]] | None = (columns, field_of)
+    def __init__(self, entries_json: str, field_of: Mapping[str, str]) -> None:
+        """``entries_json``: a JSON array with one ``[loinc, mdc_code, ucum, value, measured_at_us, seq,
+        historical]`` per code, ``measured_at_us`` in integer microseconds since the Unix epoch (UTC): exact, like
+        ``value`` (a JSON number written by the server as the shortest text that reads back as the same double)."""
+        self._pending: tuple[str, Mapping[str, str]] | None = (entries_json, field_of)
         self._values: dict[str, VitalValue] = {}
 
     def _built(self) -> dict[str, VitalValue]:
-        if self._columns is not None:
-            columns, field_of = self._columns
-            for loinc, mdc, ucum, value, at, seq, historical in zip(*columns, strict=True):
+        if self._pending is not None:
+            text, field_of = self._pending
+            for loinc, mdc, ucum, value, at_us, seq, historical in json.loads(text):
+                at = _EPOCH + timedelta(microseconds=at_us)
                 field_name = field_of.get(loinc, loinc)
-                self._values[loinc] = VitalValue(field_name, loinc, mdc, ucum, value, at, seq, historical)
-            self._columns = None
+                self._values[loinc] = VitalValue(field_name, loinc, mdc, ucum, float(value), at, seq, historical)
+            self._pending = None
         return self._values
 
     def __getitem__(self, loinc: str) -> VitalValue:

@@ -138,7 +138,7 @@ async def wait_for(predicate: Callable[[], bool], workers: list[Ingest], timeout
     """Wait until ``predicate()`` holds, re-checked whenever any worker's stats change."""
     async with asyncio.timeout(timeout_s):
         while not predicate():
-            changed = [asyncio.create_task(w._changed.wait()) for w in workers]
+            changed = [asyncio.create_task(w.changed()) for w in workers]
             try:
                 await asyncio.wait(changed, return_when=asyncio.FIRST_COMPLETED)
             finally:
