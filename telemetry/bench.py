@@ -51,7 +51,7 @@ from psycopg import sql
 
 from broker_config import BrokerSettings, EcgChunk, GpsFix, Stream, TopicSpace, Vitals, decode, encode
 from broker_config.codec import EcgEncoding, ecg_to_mv, encode_ecg
-from telemetry.postgres_store import PostgresStore, utc_conninfo
+from telemetry.postgres_store import PostgresStore, rebuild_latest_docs, utc_conninfo
 
 __all__ = ["BenchResult", "main", "run", "synthetic_ecg"]
 
@@ -506,6 +506,7 @@ async def load_history(database_url: str, units: Sequence[str], start: datetime,
             " measured_at, historical FROM vitals ORDER BY unit_id, loinc, measured_at DESC, seq DESC"
             " ON CONFLICT DO NOTHING"
         )
+        await conn.execute(rebuild_latest_docs())
         for stream, table in ((Stream.ECG, "ecg_chunk"), (Stream.VITALS, "vitals"), (Stream.GPS, "gps_fix")):
             await conn.execute(
                 sql.SQL(

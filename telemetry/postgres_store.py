@@ -48,7 +48,15 @@ from telemetry.records import (
 from telemetry.rows import TABLES, Row, TableSpec, as_utc, group_rows
 from telemetry.store import ECG_LOOKBACK_MARGIN_S, Batch, BatchItem, StoredChunk, assemble_window, concat_adc
 
-__all__ = ["GAP_SCAN_LOCK_ID", "MIGRATION_LOCK_ID", "PG_ECG", "PostgresStore", "RetentionRule", "utc_conninfo"]
+__all__ = [
+    "GAP_SCAN_LOCK_ID",
+    "MIGRATION_LOCK_ID",
+    "PG_ECG",
+    "PostgresStore",
+    "RetentionRule",
+    "rebuild_latest_docs",
+    "utc_conninfo",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +178,24 @@ def _stored_adc(samples: bytes | None, ghe1: bytes | None) -> bytes:
 
 
 _FIELD_BY_LOINC = {c.loinc: c.field for c in VITAL_CODES}
-_LATEST_VITALS = (
-    "SELECT unit_id, json_agg(json_build_array(loinc, mdc_code, ucum, value,"
-    " (extract(epoch FROM measured_at) * 1000000)::bigint, seq, historical))::text"
-    " FROM vitals_latest GROUP BY unit_id"
-)
-"""Latest vitals of every unit: per unit a JSON array of ``[loinc, mdc_code, ucum, value, measured_at_us, seq,
-historical]`` (:class:`telemetry.records.VitalsByCode`)."""
+_LATEST_VITALS = "SELECT unit_id, entries FROM vitals_latest_doc"
+
+
+def rebuild_latest_docs(where: sql.Composable | None = None) -> sql.Composed:
+    """The statement that rebuilds ``vitals_latest_doc`` from ``vitals_latest`` for the units ``where`` selects
+    (a ``WHERE`` clause on ``vitals_latest``; all units by default)."""
+    return sql.SQL(
+        "INSERT INTO vitals_latest_doc (unit_id, entries)"
+        " SELECT unit_id, json_agg(json_build_array(loinc, mdc_code, ucum, value,"
+        " (extract(epoch FROM measured_at) * 1000000)::bigint, seq, historical) ORDER BY loinc)::text"
+        " FROM vitals_latest {} GROUP BY unit_id ORDER BY unit_id"
+        " ON CONFLICT (unit_id) DO UPDATE SET entries = excluded.entries"
+    ).format(where if where is not None else sql.SQL(""))
+
+
+_REBUILD_BATCH_DOCS = rebuild_latest_docs(sql.SQL("WHERE unit_id IN (SELECT DISTINCT unit_id FROM stage_vitals)"))
+"""After every vitals batch: the latest-vitals document of each unit in the batch (migration 0004), a JSON array of
+``[loinc, mdc_code, ucum, value, measured_at_us, seq, historical]`` (:class:`telemetry.records.VitalsByCode`)."""
 
 
 def utc_conninfo(url: str, *, application_name: str = "goldenhour-telemetry", connect_timeout_s: int = 5) -> str:
@@ -461,6 +480,7 @@ class PostgresStore:
                         result.duplicates[stream] += len(messages) - inserted
                     if stream is Stream.VITALS:
                         await cur.execute(_UPSERT_LATEST)
+                        await cur.execute(_REBUILD_BATCH_DOCS)
                     if stream in _PARTITION_TIME:
                         heads: dict[str, int] = {}
                         for rows in messages:
@@ -554,8 +574,9 @@ class PostgresStore:
     async def latest_vitals(self) -> dict[str, LatestVitals]:
         """Per unit: the latest value of each vital code (from ``vitals_latest``, kept by every write).
 
-        One row per unit, its codes as one JSON text built by the server (a thousand rows of two strings cross the
-        wire and the driver far faster than parallel arrays of typed values); each unit's
+        One row per unit, its codes as one JSON text that the writer rebuilds for the units of every vitals batch
+        (``vitals_latest_doc``, migration 0004): a read aggregates nothing, and a thousand rows of two strings cross
+        the wire and the driver far faster than parallel arrays of typed values.  Each unit's
         :class:`telemetry.records.VitalsByCode` parses its values when first read.
         """
         rows = await self._fetch(_LATEST_VITALS)
@@ -697,8 +718,9 @@ class PostgresStore:
                 for unit_id, checked, seq, rx in await cur.fetchall():
                     per_unit.setdefault(unit_id, (int(checked), []))[1].append((int(seq), rx))
                 advanced: list[tuple[str, int]] = []
+                below = await self._stored_below(cur, table, per_unit)
                 for unit_id, (checked, seqs) in per_unit.items():
-                    top = checked
+                    top = below.get(unit_id, checked)
                     for seq, rx in seqs:
                         if seq == top + 1:
                             top = seq
@@ -729,6 +751,27 @@ class PostgresStore:
                     [(r.unit_id, r.seq, r.stream, r.from_seq, r.to_seq, now, r.restart, now, now) for r in records],
                 )
         return records
+
+    @staticmethod
+    async def _stored_below(
+        cur: psycopg.AsyncCursor[Any], table: sql.Identifier, per_unit: dict[str, tuple[int, list[tuple[int, Any]]]]
+    ) -> dict[str, int]:
+        """For the streams the scan has never checked: the highest seq stored below their first seq in the window
+        (one index probe per partition), where the scan starts instead of at -1.  Without it a first scan over a
+        store with history re-reads every stored seq of every unit across all partitions (it ran past the write
+        deadline on an hour of data, and was rolled back and repeated every few seconds).  A stream with nothing
+        stored below starts at -1: its first seqs missing are still a gap."""
+        fresh = [(u, seqs[0][0]) for u, (checked, seqs) in per_unit.items() if checked < 0 and seqs]
+        if not fresh:
+            return {}
+        await cur.execute(
+            sql.SQL(
+                "SELECT f.u, (SELECT max(t.seq) FROM {} t WHERE t.unit_id = f.u AND t.seq < f.s)"
+                " FROM unnest(%s::text[], %s::bigint[]) AS f(u, s)"
+            ).format(table),
+            ([u for u, _ in fresh], [s for _, s in fresh]),
+        )
+        return {u: int(top) for u, top in await cur.fetchall() if top is not None}
 
     @staticmethod
     async def _still_missing(

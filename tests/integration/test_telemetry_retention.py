@@ -197,7 +197,7 @@ async def test_a_0001_database_migrates_forward_with_its_rows(pg_url: str) -> No
         )
     store = open_store(pg_url)
     try:
-        assert await store.migrate() == [2, 3]
+        assert await store.migrate() == [2, 3, 4]
         assert await store.seqs(U, Stream.VITALS) == [3]
         assert await store.seqs(U, Stream.GPS) == [2]
         np.testing.assert_array_equal(await store.ecg_samples(U), raw)
@@ -248,3 +248,29 @@ async def test_store_side_scan_reports_a_sequence_restart_not_a_gap(store: Postg
     gaps = await store.gaps(U)
     assert [(g.restart, g.missing) for g in gaps if not g.restart] == [(False, 1)]
     assert any(g.restart for g in gaps)
+
+
+async def test_store_side_scan_starts_at_the_window_over_a_store_with_history(store: PostgresStore) -> None:
+    """The first scan over a store that already holds history reads the window, not every stored seq: a stream
+    starts at the highest seq stored below its window (a jump there is still checked), and a stream with nothing
+    stored below starts at -1 (its first messages missing are a gap)."""
+    old = NOW - timedelta(hours=2)
+    history = [item(Stream.GPS, gps(s, old + timedelta(seconds=s))) for s in range(90)]  # outside a 10-min window
+    recent = [item(Stream.GPS, gps(s, NOW - timedelta(seconds=110 - s))) for s in range(100, 110)]
+    await store.write([*history, *recent])  # type: ignore[arg-type]
+    fresh = ParsedTopic(Scope.UNIT, "amb32", Stream.GPS)
+    late_start = [
+        (fresh, GpsFix(unit_id="amb32", seq=s, sent_at=NOW, fix=True, lat_deg=43.7, lon_deg=7.4), NOW)
+        for s in range(5, 8)
+    ]
+    await store.write(late_start)  # type: ignore[arg-type]
+    records = await store.scan_gaps(window_s=600, settle_s=0)
+    assert records is not None
+    assert sorted((r.unit_id, r.from_seq, r.to_seq, r.restart) for r in records) == [
+        ("amb31", 90, 99, False),  # between the history and the window: checked
+        ("amb32", 0, 4, False),  # a new stream whose first messages never came
+    ]
+    async with await psycopg.AsyncConnection.connect(store._conninfo) as conn:
+        cur = await conn.execute("SELECT unit_id, checked_seq FROM gap_scan_state WHERE stream = 'gps' ORDER BY 1")
+        assert await cur.fetchall() == [("amb31", 109), ("amb32", 7)]
+    assert await store.scan_gaps(window_s=600, settle_s=0) == []
