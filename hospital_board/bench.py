@@ -682,6 +682,7 @@ async def _open_board(cdp: DevTools, url: str, timeout_s: float) -> str:
     width, height = VIEWPORT
     session = await cdp.new_page(width, height, new_window=True)
     await cdp.call("Page.addScriptToEvaluateOnNewDocument", session, source=PROBE_JS)
+    await cdp.call("Performance.enable", session)
     await cdp.call("Page.navigate", session, url=url)
     await cdp.poll(
         session,
@@ -697,6 +698,43 @@ async def _try_evaluate(cdp: DevTools, session: str, expression: str, timeout_s:
         return await cdp.evaluate(session, expression, timeout_s=timeout_s)
     except (TimeoutError, RuntimeError, ConnectionError):
         return None
+
+
+PAGE_METRICS = (
+    "TaskDuration",
+    "ScriptDuration",
+    "RecalcStyleDuration",
+    "LayoutDuration",
+    "RecalcStyleCount",
+    "LayoutCount",
+    "ProcessTime",
+)
+"""What the benchmark reads from each page's ``Performance.getMetrics`` (DevTools protocol) at the start and the end
+of the window: main-thread time in tasks, script, style recalculation and layout (seconds), the number of style
+recalculations and layouts, and the CPU time of the page's renderer process (seconds; all its threads, raster
+included, and shared with any other page in the same process)."""
+
+
+async def _page_metrics(cdp: DevTools, session: str, timeout_s: float) -> dict[str, float] | None:
+    """The page's :data:`PAGE_METRICS` (None when an overloaded page does not answer in time)."""
+    try:
+        answer = await cdp.call("Performance.getMetrics", session, timeout_s=timeout_s)
+    except (TimeoutError, RuntimeError, ConnectionError):
+        return None
+    values = {m["name"]: float(m["value"]) for m in answer.get("metrics", [])}
+    return {k: values[k] for k in PAGE_METRICS if k in values}
+
+
+def _metric_rates(a: dict[str, float] | None, b: dict[str, float] | None, seconds: float) -> dict[str, float]:
+    """Per-second rates between two :func:`_page_metrics` readings (durations in ms per s, counts per s)."""
+    if not a or not b or seconds <= 0:
+        return {}
+    out = {}
+    for key in PAGE_METRICS:
+        if key in a and key in b:
+            scale = 1.0 if key.endswith("Count") else 1000.0
+            out[key] = scale * (b[key] - a[key]) / seconds
+    return out
 
 
 def _read_page_js(since_ms: float, until_ms: float) -> str:
@@ -753,6 +791,8 @@ class ScenarioResult:
     loop_ms_per_s: list[float] = field(default_factory=list)
     """Per page: ms per second spent in the board's frame loop (strips and batched text), i.e. its main-thread cost."""
     visible_strips: list[int] = field(default_factory=list)
+    page_metrics: list[dict[str, float]] = field(default_factory=list)
+    """Per page: :data:`PAGE_METRICS` over the window, per second (durations in ms per s, counts per s)."""
     cards: list[int] = field(default_factory=list)
     page_resyncs: int = 0
     board_disconnects: dict[str, int] = field(default_factory=dict)
@@ -969,6 +1009,7 @@ async def run_scenario(
             await asyncio.sleep(warmup_s)
             pids = {"board": board_proc.pid, "broker": broker_pid, "publisher": pub_proc.pid, "chromium": chromium_pid}
             load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            metrics_a = await asyncio.gather(*(_page_metrics(cdp, s, page_timeout_s) for s in sessions))
             cpu_a = _cpu_sample(pids)
             t_start = time.time() * 1000
             log(f"{name}: measuring for {duration_s:.0f} s")
@@ -976,6 +1017,7 @@ async def run_scenario(
             t_end = time.time() * 1000
             cpu_b = _cpu_sample(pids)
             load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            metrics_b = await asyncio.gather(*(_page_metrics(cdp, s, page_timeout_s) for s in sessions))
             events["stop"].set()
             pages = await asyncio.gather(
                 *(_try_evaluate(cdp, s, _read_page_js(t_start, t_end), page_timeout_s) for s in sessions)
@@ -994,10 +1036,13 @@ async def run_scenario(
         events["clear"].set()
         pub_proc.join(15)
         burst_to = report["burst_sent_ms"][1]
-        for page in pages:
+        for page, ma, mb in zip(pages, metrics_a, metrics_b, strict=True):
             if page is None:
                 result.pages_unresponsive += 1
                 continue
+            rates = _metric_rates(ma, mb, (t_end - t_start) / 1000)
+            if rates:
+                result.page_metrics.append(rates)
             raf_fps, redraw_fps, loop_ms = _rates(page["ticks"])
             result.raf_fps.append(raf_fps)
             result.redraw_fps.append(redraw_fps)
@@ -1066,6 +1111,7 @@ def figures(r: ScenarioResult) -> dict[str, float]:
         "strip_redraws_per_s_median": _median(r.redraw_fps),
         "frame_loop_ms_per_s_median": _median([x for x in r.loop_ms_per_s if x == x]),
         "visible_strips_median": _median([float(v) for v in r.visible_strips]),
+        **{f"page_{key}_median": _median([m[key] for m in r.page_metrics if key in m]) for key in PAGE_METRICS},
         "vitals_samples": float(len(r.vitals_ms)),
         "alert_samples": float(len(r.alerts_ms)),
         "cpu_board_pct": _nan(cpu.get("board")),
@@ -1091,6 +1137,13 @@ _ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("strip_redraws_per_s_median", "ECG strip redraws, median board [/s]", "{:.1f}", ""),
     ("frame_loop_ms_per_s_median", "board frame loop (strips), median [ms per s]", "{:.1f}", ""),
     ("visible_strips_median", "ECG strips visible per board", "{:.0f}", ""),
+    ("page_TaskDuration_median", "page main thread busy, median [ms per s]", "{:.0f}", ""),
+    ("page_ScriptDuration_median", "  of which script [ms per s]", "{:.0f}", ""),
+    ("page_RecalcStyleDuration_median", "  of which style recalculation [ms per s]", "{:.1f}", ""),
+    ("page_LayoutDuration_median", "  of which layout [ms per s]", "{:.1f}", ""),
+    ("page_RecalcStyleCount_median", "page style recalculations [per s]", "{:.1f}", ""),
+    ("page_LayoutCount_median", "page layouts [per s]", "{:.1f}", ""),
+    ("page_ProcessTime_median", "page renderer process CPU [ms per s]", "{:.0f}", ""),
     ("vitals_samples", "vitals events measured", "{:.0f}", ""),
     ("alert_samples", "alert events measured", "{:.0f}", ""),
     ("cpu_board_pct", "CPU board service [% of a core]", "{:.0f}", ""),

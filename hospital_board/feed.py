@@ -14,11 +14,21 @@ Why this shape (field failures FF-13 and FF-14):
   a heartbeat every ``heartbeat_s`` (a comment plus a ``tick`` event carrying the server's time, so the page
   itself can tell a silent link from a quiet one), so a vanished board leaves the registry within a heartbeat
   (FF-13).
+* Writes are gathered: after a write, a board's next write waits until ``send_every_s`` (50 ms) has passed, and
+  carries everything that came meanwhile, unless an alert (or a card's removal) is waiting, which goes at once.
+  Fifty units' vitals and ECG, spread over each second, would otherwise be a hundred writes a second to every board,
+  and each write costs the browser a network task of its own; gathered, they are at most twenty, for at most 50 ms
+  more latency on vitals and ECG.
 * A stream ends when the viewer's access token expires (``expires_at``); the page reconnects with its refreshed
   cookie and resyncs, so a stream never outlives the authorisation it was opened with.
 * A feed is either a hospital's big-screen board (every inbound unit, first ECG lead) or one patient's detail
   view (``unit_id`` set: that unit only, every ECG lead, trends, trail, timeline); see
   :data:`hospital_board.schemas.DETAIL_ONLY_KINDS` and :data:`~hospital_board.schemas.BOARD_ONLY_KINDS`.
+* A board shows about ten ECG strips of its fifty cards at a time.  A board feed opened with a ``key`` (random,
+  chosen by the page) may be told which units' strips are on screen (:meth:`FeedHub.set_strips`); it then receives
+  the ``ecg`` events of those units only (everything else is unchanged: every card's vitals, alerts, positions).
+  A unit coming into view gets its last ECG window first, in order, then its live chunks.  Until told, and after
+  every reconnection, a feed receives every unit's ECG.
 
 Wire format (the W3C/WHATWG "Server-sent events" stream): on connect ``retry: 2000`` and one ``snapshot`` (board)
 or ``detail`` (patient) event, then events named after :class:`hospital_board.schemas.EventKind` whose ``data`` is
@@ -28,6 +38,7 @@ one line of JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -49,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 _RETRY_MS = 2_000
 _MAX_BATCH_BYTES = 256 * 1024
+_SEND_EVERY_S = 0.05
+"""A board's writes are at least this far apart (seconds), unless an alert or a removal is waiting."""
+_URGENT_KINDS = frozenset({EventKind.ALERT, EventKind.REMOVED})
 
 
 def sse_frame(kind: EventKind | str, payload: BaseModel) -> bytes:
@@ -82,17 +96,26 @@ class ClientFeed:
         max_lag_s: float,
         clock: Callable[[], float] = time.monotonic,
         unit_id: str | None = None,
+        key: str | None = None,
+        owner: str | None = None,
     ) -> None:
         if max_items < 1 or max_lag_s <= 0:
             raise ValueError("max_items must be >= 1 and max_lag_s > 0")
         self.hospital_id = hospital_id
         self.unit_id = unit_id
+        self.key = key
+        """The page's own key for this board feed (None: it cannot be told which strips are on screen)."""
+        self.owner = owner
+        """Who opened it (the token's subject): only they may change its strips."""
+        self.ecg_units: frozenset[str] | None = None
+        """Units whose first-lead ECG this board feed receives (None: every unit's)."""
         self.max_items = max_items
         self.max_lag_s = max_lag_s
         self._clock = clock
         self._queue: deque[_Slot] = deque()
         self._pending: dict[tuple[str, str], _Slot] = {}
         self._ready = asyncio.Event()
+        self._urgent = asyncio.Event()
         self.close_reason: str | None = None
         self.sent_events = 0
         self.coalesced_events = 0
@@ -108,6 +131,8 @@ class ClientFeed:
     def wants(self, event: BoardEvent) -> bool:
         """Whether this feed receives ``event`` (its hospital is checked by the hub)."""
         if self.unit_id is None:
+            if event.kind == EventKind.ECG and self.ecg_units is not None:
+                return event.unit_id in self.ecg_units
             return event.kind not in DETAIL_ONLY_KINDS
         return event.unit_id == self.unit_id and event.kind not in BOARD_ONLY_KINDS
 
@@ -139,7 +164,14 @@ class ClientFeed:
         if key is not None:
             self._pending[key] = slot
         self._ready.set()
+        if kind in _URGENT_KINDS:
+            self._urgent.set()
         return True
+
+    @property
+    def urgent(self) -> bool:
+        """True while an alert or a removal waits (it is sent without waiting for the next write slot)."""
+        return self._urgent.is_set()
 
     def close(self, reason: str) -> None:
         """Mark the board for disconnection and free its queue (idempotent; the first reason wins)."""
@@ -148,6 +180,7 @@ class ClientFeed:
         self._queue.clear()
         self._pending.clear()
         self._ready.set()
+        self._urgent.set()
 
     def take(self, max_bytes: int = _MAX_BATCH_BYTES) -> bytes:
         """Everything waiting (up to about ``max_bytes``) as one write; empty when nothing waits."""
@@ -162,7 +195,17 @@ class ClientFeed:
         self.sent_events += len(parts)
         if not self._queue:
             self._ready.clear()
+            if not self.closed:
+                self._urgent.clear()
         return b"".join(parts)
+
+    async def hold(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s``, less if an alert or a removal comes (or the board is closed)."""
+        if self._urgent.is_set() or timeout_s <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._urgent.wait()
 
     async def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for something to send (or for closure).  False on timeout."""
@@ -191,15 +234,31 @@ class FeedHub:
         self.max_lag_s = max_lag_s
         self._clock = clock
         self._clients: dict[str, set[ClientFeed]] = {}
+        self._keyed: dict[str, ClientFeed] = {}
         self._changed = asyncio.Event()
         self.disconnects: Counter[str] = Counter()
 
-    def connect(self, hospital_id: str, unit_id: str | None = None) -> ClientFeed:
-        """Register a new board for ``hospital_id`` (or a detail view of one of its inbound units)."""
+    def connect(
+        self, hospital_id: str, unit_id: str | None = None, *, key: str | None = None, owner: str | None = None
+    ) -> ClientFeed:
+        """Register a new board for ``hospital_id`` (or a detail view of one of its inbound units).
+
+        ``key``: the page's own key for a board feed, for :meth:`feed` and :meth:`set_strips` (a feed registered
+        under the same key before, i.e. the page's previous connection, no longer answers to it); ``owner``: who
+        opens it.
+        """
         client = ClientFeed(
-            hospital_id, max_items=self.max_items, max_lag_s=self.max_lag_s, clock=self._clock, unit_id=unit_id
+            hospital_id,
+            max_items=self.max_items,
+            max_lag_s=self.max_lag_s,
+            clock=self._clock,
+            unit_id=unit_id,
+            key=key if unit_id is None else None,
+            owner=owner,
         )
         self._clients.setdefault(hospital_id, set()).add(client)
+        if client.key is not None:
+            self._keyed[client.key] = client
         self._notify()
         logger.info(
             "board connected hospital=%s view=%s boards=%d",
@@ -212,6 +271,8 @@ class FeedHub:
     def disconnect(self, client: ClientFeed, reason: str = "client gone") -> None:
         """Remove a board from the registry (idempotent)."""
         client.close(reason)
+        if client.key is not None and self._keyed.get(client.key) is client:
+            del self._keyed[client.key]
         boards = self._clients.get(client.hospital_id)
         if boards is None or client not in boards:
             return
@@ -258,6 +319,39 @@ class FeedHub:
                         logger.warning("board falling behind, disconnecting hospital=%s reason=%s", hospital_id, reason)
                         self.disconnect(client)
 
+    def feed(self, key: str) -> ClientFeed | None:
+        """The connected board feed opened with ``key``, if any."""
+        client = self._keyed.get(key)
+        return None if client is None or client.closed else client
+
+    def set_strips(self, client: ClientFeed, units: Iterable[str], windows: Callable[[str], list[BoardEvent]]) -> int:
+        """Send ``client`` (a board feed) the ``ecg`` events of ``units`` only, from now on.
+
+        ``windows(unit_id)`` gives the unit's last ECG window as ``ecg`` events, oldest first.  A unit whose ECG
+        the feed was not receiving gets its window queued first (in order, before any live chunk), so that its
+        strip is whole when it comes into view; the page restarts the strip of a unit it had stopped receiving, so
+        the jump from its old samples to the window is never drawn as a gap.
+
+        Returns:
+            The number of ECG events queued for units coming into view (the feed may be disconnected instead if
+            its queue overflows, as for any event).
+        """
+        wanted = frozenset(units)
+        before = client.ecg_units
+        client.ecg_units = wanted
+        queued = 0
+        for unit_id in sorted(wanted - before) if before is not None else ():
+            for event in windows(unit_id):
+                if event.kind != EventKind.ECG or event.unit_id != unit_id:
+                    continue
+                if client.hospital_id not in event.hospital_ids:
+                    continue
+                if not client.offer(event.kind, unit_id, sse_frame(event.kind, event.payload), coalesce=False):
+                    self.disconnect(client)
+                    return queued
+                queued += 1
+        return queued
+
     def close_all(self) -> None:
         """Disconnect every board (shutdown)."""
         for boards in list(self._clients.values()):
@@ -285,6 +379,7 @@ class SseResponse(Response):
         server_clock: Callable[[], datetime] | None = None,
         background: BackgroundTask | None = None,
         expires_at: datetime | None = None,
+        send_every_s: float = _SEND_EVERY_S,
     ) -> None:
         super().__init__(
             content=None,
@@ -301,6 +396,8 @@ class SseResponse(Response):
         self.send_timeout_s = send_timeout_s
         self.server_clock = server_clock or (lambda: datetime.now(UTC))
         self.expires_at = expires_at
+        self.send_every_s = send_every_s
+        """Writes at least this far apart (seconds) unless an alert or a removal waits (0: write at once)."""
         """When the viewer's token expires: the stream ends then, and the browser reconnects with its refreshed
         cookie (and gets a full snapshot), so an expired or revoked session stops receiving patient data."""
 
@@ -346,6 +443,8 @@ class SseResponse(Response):
         if not await self._send(send, start) or not await self._send(send, _body(first)):
             return False
         client = self.client
+        loop = asyncio.get_running_loop()
+        last_write = loop.time()
         while not client.closed:
             wait_s = self.heartbeat_s
             if self.expires_at is not None:
@@ -359,11 +458,13 @@ class SseResponse(Response):
                     continue
                 chunk = b": heartbeat\n" + sse_frame(EventKind.TICK, TickEvent(server_time=self.server_clock()))
             else:
+                await client.hold(self.send_every_s - (loop.time() - last_write))
                 chunk = client.take()
                 if not chunk:
                     continue
             if not await self._send(send, _body(chunk)):
                 return False
+            last_write = loop.time()
         return client.close_reason not in {"send timeout", "client gone"}
 
 

@@ -15,7 +15,11 @@ API:
 * ``GET /api/hospitals/{id}/snapshot``              :class:`~hospital_board.schemas.BoardSnapshot`
 * ``GET /api/hospitals/{id}/units/{unit_id}``       :class:`~hospital_board.schemas.DetailSnapshot` (404 unless
   the unit is inbound to that hospital)
-* ``GET /api/events?hospital=ID[&unit=UNIT]``       server-sent events (see :mod:`hospital_board.feed`)
+* ``GET /api/events?hospital=ID[&unit=UNIT][&feed=KEY]``  server-sent events (see :mod:`hospital_board.feed`);
+  ``feed``: the page's own random key (16-64 of ``[A-Za-z0-9_-]``) for a board feed, for the next route
+* ``PUT /api/events/{feed}/strips``                 :class:`StripsPut`: the units whose ECG strips the board with
+  that feed key has on screen; its feed then carries only their ECG (:class:`StripsPublic`; 404 when no board feed
+  of the viewer's is connected under that key)
 * ``POST /api/alerts/{alert_id}/ack``               acknowledge one ``department`` or (without it) every page;
   publishes ``AlertAck(acknowledged)`` on the hospital's ack stream (404 unknown alert, 409 another hospital's,
   closed, or a department the alert did not activate, 503 broker link down)
@@ -92,7 +96,16 @@ from hospital_board.state import (
     valid_position,
 )
 
-__all__ = ["AckCreate", "BoardRuntime", "HealthPublic", "RoutePublic", "TimelinePublic", "create_app"]
+__all__ = [
+    "AckCreate",
+    "BoardRuntime",
+    "HealthPublic",
+    "RoutePublic",
+    "StripsPublic",
+    "StripsPut",
+    "TimelinePublic",
+    "create_app",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +129,32 @@ class AckCreate(BaseModel):
     by_role: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_ -]+$")] = "ed_staff"
     """Ignored (kept so older pages still validate): who acknowledged and in which role come from the token."""
     department: Department | None = None
+
+
+FEED_KEY_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
+"""A board page's own key for its feed (random, chosen by the page)."""
+
+
+class StripsPut(BaseModel):
+    """Body of ``PUT /api/events/{feed}/strips``: the units whose strips the board has on screen (at most 200)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hospital_id: Annotated[str, Field(pattern=ID_PATTERN.pattern)]
+    units: Annotated[list[Annotated[str, Field(pattern=ID_PATTERN.pattern)]], Field(max_length=200)]
+
+
+class StripsPublic(BaseModel):
+    """Answer to ``PUT /api/events/{feed}/strips``.
+
+    ``server_time``: when the feed changed (server clock): an ``ecg`` event of a unit the board no longer receives
+    that is still on its way carries an older ``server_time``.  ``queued``: ECG events queued for the units coming
+    into view (their last window).
+    """
+
+    server_time: datetime
+    units: int
+    queued: int
 
 
 class HealthPublic(BaseModel):
@@ -239,6 +278,8 @@ UnitQuery = Annotated[str | None, Query(pattern=ID_PATTERN.pattern, description=
 HospitalPath = Annotated[str, PathParam(pattern=ID_PATTERN.pattern)]
 UnitPath = Annotated[str, PathParam(pattern=ID_PATTERN.pattern)]
 AlertPath = Annotated[str, PathParam(pattern=ID_PATTERN.pattern)]
+FeedQuery = Annotated[str | None, Query(pattern=FEED_KEY_PATTERN, description="the board page's key for its feed")]
+FeedPath = Annotated[str, PathParam(pattern=FEED_KEY_PATTERN)]
 
 
 class LoginCreate(BaseModel):
@@ -500,7 +541,11 @@ def create_app(
 
     @app.get("/api/events", responses={401: {}, 403: {}})
     async def events(
-        rt: RuntimeDep, viewer: ViewerDep, hospital: HospitalQuery = None, unit: UnitQuery = None
+        rt: RuntimeDep,
+        viewer: ViewerDep,
+        hospital: HospitalQuery = None,
+        unit: UnitQuery = None,
+        feed: FeedQuery = None,
     ) -> SseResponse:
         hospital_id = hospital_for(rt, viewer, hospital)
         now_at = rt.clock()
@@ -520,7 +565,7 @@ def create_app(
             first = sse_frame(EventKind.DETAIL, detail_snap)
             shown = [detail_snap.card]
         audit_units(rt, viewer, "board.feed.subscribe", hospital_id, shown)
-        client = rt.hub.connect(hospital_id, unit)
+        client = rt.hub.connect(hospital_id, unit, key=feed, owner=viewer.claims.sub)
         started = time.monotonic()
 
         async def ended() -> None:
@@ -540,6 +585,16 @@ def create_app(
             background=BackgroundTask(ended),
             expires_at=viewer.claims.expires_at,
         )
+
+    @app.put("/api/events/{feed}/strips", responses={401: {}, 403: {}, 404: {}})
+    async def strips(rt: RuntimeDep, viewer: ViewerDep, feed: FeedPath, body: StripsPut) -> StripsPublic:
+        guard_hospital(rt, viewer, body.hospital_id, "feed")
+        client = rt.hub.feed(feed)
+        if client is None or client.hospital_id != body.hospital_id or client.owner != viewer.claims.sub:
+            raise HTTPException(404, "no board feed of yours under this key")
+        now_at = rt.clock()
+        queued = rt.hub.set_strips(client, body.units, lambda u: rt.state.ecg_events(body.hospital_id, u, now_at))
+        return StripsPublic(server_time=now_at, units=len(client.ecg_units or ()), queued=queued)
 
     @app.post("/api/alerts/{alert_id}/ack", responses={401: {}, 403: {}})
     async def acknowledge(rt: RuntimeDep, viewer: ViewerDep, alert_id: AlertPath, body: AckCreate) -> AlertPublic:

@@ -417,6 +417,21 @@ class BoardState:
             cards=cards,
         )
 
+    def ecg_events(self, hospital_id: str, unit_id: str, now_at: datetime) -> list[BoardEvent]:
+        """The last ECG window of ``unit_id`` (first lead) as ``ecg`` events for the boards of ``hospital_id``, oldest
+        first, each with ``server_time`` ``now_at``; empty unless the unit is inbound to that hospital.  For a board
+        feed that starts receiving a unit's ECG again (:meth:`hospital_board.feed.FeedHub.set_strips`)."""
+        unit = self._units.get(unit_id)
+        if unit is None or hospital_id not in self.hospitals_of(unit_id):
+            return []
+        to = frozenset({hospital_id})
+        return [
+            BoardEvent(
+                EventKind.ECG, to, unit_id, EcgEvent(server_time=now_at, unit_id=unit_id, segment=self._segment(s))
+            )
+            for s in unit.ecg
+        ]
+
     def detail(self, hospital_id: str, unit_id: str, now_at: datetime) -> DetailSnapshot:
         """One patient's detail view.  Raises :class:`NotInboundError` unless the unit is inbound to the hospital."""
         if hospital_id not in self.hospitals_of(unit_id):

@@ -16,8 +16,19 @@
   const FULL_REDRAW = BENCH && params.get("ecg") === "full";
   const SILENCE_MS = 120000;
   // ECG strips: one requestAnimationFrame loop draws every visible strip incrementally (only the samples played since
-  // the previous frame, see GH.drawStrip), so they follow the display's frame rate; DOM text is written in that loop,
-  // and only when it changed.
+  // the previous frame, see GH.drawStrip), at most ECG_MAX_FPS times a second (the display's rate when that is lower);
+  // DOM text is written in that loop, and only when it changed.
+  // ECG of strips off screen: the page tells the server which strips are on screen (PUT /api/events/{feed}/strips,
+  // feed = this page's random key); its feed then carries the ECG of those units only, and a unit coming into view
+  // gets its last window first.  Until the server has been told (and after each reconnection, which resets it) the
+  // feed carries every unit's ECG: a strip off screen keeps those events undecoded until it comes into view.
+  const FEED_KEY = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+  const STRIPS_DEBOUNCE_MS = 150;
+  const ECG_AWAIT_MS = 3000; // a strip coming back into view waits this long for its window before saying NO ECG
+  const ECG_MAX_FPS = 40;
+  const ECG_PENDING_MAX = 32; // undecoded ECG events kept per off-screen strip (1-s chunks: 3 windows' worth)
+  // Visual alarm signals (IEC 60601-1-8): flashing period per priority, 50 % duty, from one clock for the whole board.
+  const FLASH_PERIOD_MS = { high: 500, medium: 2000 };
 
   if (params.get("layout") === "wall") document.body.classList.add("layout-wall");
 
@@ -39,12 +50,28 @@
   let nextBurstPerf = 0;
   const bench = { vitals: [], alerts: [], frames: 0, stripDraws: 0, drawMs: 0, seenAlerts: new Set() };
   if (BENCH) window.__ghBench = bench;
-  window.__ghBoard = { units: units, silencedUntil: silencedUntil, alarm: alarm };
+  window.__ghBoard = { units: units, silencedUntil: silencedUntil, alarm: alarm, feedKey: FEED_KEY };
 
-  // A strip is drawn only while its canvas is on screen (a card below the fold, or cut under the strip, costs nothing).
+  // A strip is drawn only while its canvas is on screen (a card below the fold, or cut under the strip, costs nothing);
+  // the ECG events it kept undecoded while off screen are decoded when it comes into view.
   const observer = new IntersectionObserver((entries) => {
-    entries.forEach((e) => { const u = units.get(e.target.dataset.unit); if (u) u.visible = e.isIntersecting; });
+    entries.forEach((e) => {
+      const u = units.get(e.target.dataset.unit);
+      if (!u) return;
+      u.visible = e.isIntersecting;
+      if (u.visible && u.ecgExcluded) restartStrip(u); // its window is on its way
+      else if (u.visible) takePendingEcg(u);
+      scheduleStrips();
+    });
   });
+  // Cards whose top is in the bottom 40 px of the window or below it ("more inbound below"), without reading the
+  // layout of every card in the once-a-second tick.
+  const foldObserver = new IntersectionObserver((entries) => {
+    entries.forEach((e) => {
+      const u = units.get(e.target.dataset.unit);
+      if (u) u.below = !e.isIntersecting && !!e.rootBounds && e.boundingClientRect.top >= e.rootBounds.bottom;
+    });
+  }, { rootMargin: "0px 0px -40px 0px" });
 
   function primaryAlert(u) { return u.data.alerts.length ? u.data.alerts[0] : null; }
 
@@ -85,6 +112,7 @@
       el.dataset.unit = card.unit_id;
       u = {
         data: card, el: el, strip: G.newStrip(), t: null, visible: false, vitalsDirty: false, // visible: set by the observer
+        pendingEcg: [], below: false, ecgExcluded: false, ecgCutoff: null, ecgAwaitUntil: 0,
         canvas: el.querySelector("canvas.ecg"), ecgLabel: el.querySelector(".ecg-label"),
         ecgState: el.querySelector(".ecg-state"), ecgLabelText: null, ecgStateText: null,
       };
@@ -96,9 +124,19 @@
       units.set(card.unit_id, u);
       cardsEl.appendChild(el);
       u.canvas.dataset.unit = card.unit_id;
+      // a new card while the server sends only the strips on screen: its ECG does not come until it is shown
+      if (stripsSent !== null) u.ecgExcluded = true;
       observer.observe(u.canvas);
+      foldObserver.observe(el);
     }
     return u;
+  }
+
+  function dropUnit(x) {
+    observer.unobserve(x.canvas);
+    foldObserver.unobserve(x.el);
+    x.el.remove();
+    units.delete(x.data.unit_id);
   }
 
   function setCard(card, serverTime) {
@@ -106,6 +144,8 @@
     u.data = card;
     u.t = serverTime;
     u.strip = G.newStrip();
+    u.pendingEcg = []; // the card carries the server's whole window, which holds them
+    u.ecgAwaitUntil = 0;
     card.ecg.forEach((seg) => G.addSegment(u.strip, seg, limits.ecgWindow));
     renderAlert(u);
     renderUnitState(u);
@@ -296,19 +336,94 @@
 
   // --- ECG ------------------------------------------------------------------------------------------------------
 
+  // Strips on screen -> server (one request at a time; the latest set wins).
+  let stripsSent = null; // units the server was last told, for this connection (null: not told, every unit's ECG)
+  let stripsBusy = false, stripsTimer = null, stripsRetry = null;
+  function scheduleStrips() {
+    if (stripsTimer === null) stripsTimer = setTimeout(() => { stripsTimer = null; sendStrips(); }, STRIPS_DEBOUNCE_MS);
+  }
+  async function sendStrips() {
+    if (stripsBusy) { scheduleStrips(); return; }
+    const shown = Array.from(units.values()).filter((x) => x.visible).map((x) => x.data.unit_id).sort();
+    if (stripsSent !== null && shown.join(",") === stripsSent.join(",")) return;
+    stripsBusy = true;
+    const epoch = feedEpoch;
+    try {
+      const res = await fetch("/api/events/" + FEED_KEY + "/strips", {
+        method: "PUT", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ hospital_id: HOSPITAL, units: shown }),
+      });
+      if (!res.ok) throw new Error("HTTP " + res.status);
+      const answer = await res.json();
+      if (epoch !== feedEpoch) return; // reconnected meanwhile: that feed is gone, the new one starts unfiltered
+      const cutoff = G.parseT(answer.server_time);
+      const on = new Set(shown);
+      units.forEach((x) => {
+        const excluded = !on.has(x.data.unit_id);
+        if (excluded && !x.ecgExcluded) { x.ecgCutoff = cutoff; x.pendingEcg = []; }
+        x.ecgExcluded = excluded;
+      });
+      stripsSent = shown;
+    } catch (err) {
+      // not connected yet, or a server without the route: every unit's ECG keeps coming; try again later
+      if (stripsRetry === null) stripsRetry = setTimeout(() => { stripsRetry = null; scheduleStrips(); }, 2000);
+    } finally {
+      stripsBusy = false;
+    }
+  }
+
+  // A strip that comes back into view after its ECG stopped coming: start it afresh with the window the server sends
+  // (never join its old samples to the window: the hole would be drawn as a gap the patient never had).  An event
+  // already on its way from before the server stopped sending carries a server_time up to ecgCutoff: dropped.
+  function restartStrip(u) {
+    u.strip = G.newStrip();
+    u.pendingEcg = [];
+    u.ecgExcluded = false;
+    u.ecgAwaitUntil = performance.now() + ECG_AWAIT_MS;
+  }
+
+  function takePendingEcg(u) {
+    const texts = u.pendingEcg;
+    if (!texts.length) return;
+    u.pendingEcg = [];
+    texts.forEach((text) => {
+      let ev;
+      try { ev = JSON.parse(text); } catch (e) { return; }
+      G.addSegment(u.strip, ev.segment, limits.ecgWindow);
+    });
+  }
+
+  // The flashing phase of each priority, toggled on #cards only when it changes (2 Hz: every 250 ms).
+  const flashOn = { high: null, medium: null };
+  function flashPhase(now) {
+    Object.keys(FLASH_PERIOD_MS).forEach((p) => {
+      const period = FLASH_PERIOD_MS[p];
+      const on = now % period < period / 2;
+      if (on !== flashOn[p]) { flashOn[p] = on; cardsEl.classList.toggle("flash-on-" + p, on); }
+    });
+  }
+
   const PXMM = G.pxPerMm();
-  function frame() {
+  let stripBudget = 1, lastFrameT = null;
+  function frame(now) {
     let drawn = 0;
     const t0 = BENCH ? performance.now() : 0;
+    flashPhase(now);
+    // strips in this frame? A budget of ECG_MAX_FPS frames a second (at 60 Hz: two frames of three).
+    stripBudget = Math.min(2, stripBudget + (lastFrameT === null ? 1 : ((now - lastFrameT) * ECG_MAX_FPS) / 1000));
+    lastFrameT = now;
+    const strips = stripBudget >= 0.999;
+    if (strips) stripBudget -= 1;
     units.forEach((u) => {
       if (u.vitalsDirty) { u.vitalsDirty = false; renderVitals(u); }
-      if (!u.visible) return;
+      if (!u.visible || !strips) return;
       if (FULL_REDRAW && u.canvas._ecg) u.canvas._ecg.lastT = null;
       if (G.drawStrip(u.canvas, u.strip, 0, { pxPerMm: PXMM })) drawn++;
       const leads = G.stripLeads(u.strip);
       const label = (leads.length ? "Lead " + leads[0] + "  " : "") + "25 mm/s  10 mm/mV";
       if (label !== u.ecgLabelText) { u.ecgLabelText = label; u.ecgLabel.textContent = label; }
-      const state = G.stripState(u.strip, 0, u.data.ecg_lost, u.data.availability === "offline");
+      let state = G.stripState(u.strip, 0, u.data.ecg_lost, u.data.availability === "offline");
+      if (!u.strip.segs.length && now < u.ecgAwaitUntil && !u.data.ecg_lost) state = ""; // its window is on its way
       if (state !== u.ecgStateText) { u.ecgStateText = state; u.ecgState.textContent = state; }
     });
     if (BENCH && drawn) { bench.frames++; bench.stripDraws += drawn; bench.drawMs += performance.now() - t0; }
@@ -317,16 +432,22 @@
 
   // --- feed ---------------------------------------------------------------------------------------------------
 
+  let feedEpoch = 0;
   function onSnapshot(snap) {
+    // a (re)connection: a new feed, which carries every unit's ECG until told otherwise
+    feedEpoch++;
+    stripsSent = null;
     limits = {
       stale: snap.stale_after_s, nibp: snap.nibp_stale_after_s, gps: snap.gps_stale_after_s || 30,
       ecgWindow: snap.ecg_window_s,
     };
     const keep = new Set(snap.cards.map((c) => c.unit_id));
-    units.forEach((u, id) => { if (!keep.has(id)) { observer.unobserve(u.canvas); u.el.remove(); units.delete(id); } });
+    units.forEach((u, id) => { if (!keep.has(id)) dropUnit(u); });
     snap.cards.forEach((c) => { setCard(c, snap.server_time); u(c.unit_id).vitalsT = snap.server_time; });
+    units.forEach((x) => { x.ecgExcluded = false; x.ecgCutoff = null; });
     reorder();
     tick();
+    scheduleStrips();
   }
 
   const u = (id) => units.get(id);
@@ -348,7 +469,7 @@
     },
     removed: (ev) => {
       const x = u(ev.unit_id);
-      if (x) { observer.unobserve(x.canvas); x.el.remove(); units.delete(ev.unit_id); }
+      if (x) dropUnit(x);
       reorder();
       updateSound(true);
     },
@@ -371,6 +492,30 @@
     gap: () => {},
   };
 
+  // ECG events arrive undecoded (about 2 kB of JSON each, one per unit per second): only a strip on screen decodes
+  // its own; an off-screen one keeps the text (bounded) for when it comes into view.  The unit id is read from the
+  // start of the event (EcgEvent: server_time, unit_id, segment), ids being opaque [A-Za-z0-9_-].
+  const ECG_UNIT = /"unit_id":"([A-Za-z0-9_-]{1,32})"/;
+  const rawHandlers = {
+    ecg: (text) => {
+      const m = ECG_UNIT.exec(text);
+      const x = m && u(m[1]);
+      if (!x) return;
+      x.data.ecg_lost = false;
+      if (x.visible) {
+        let ev;
+        try { ev = JSON.parse(text); } catch (e) { return; }
+        if (ev.unit_id !== x.data.unit_id) return;
+        if (x.ecgCutoff !== null && !(G.parseT(ev.server_time) > x.ecgCutoff)) return; // sent before it stopped
+        G.addSegment(x.strip, ev.segment, limits.ecgWindow);
+        return;
+      }
+      if (x.ecgExcluded) return; // on its way from before the server stopped sending it: restarted when shown
+      x.pendingEcg.push(text);
+      if (x.pendingEcg.length > ECG_PENDING_MAX) x.pendingEcg.shift();
+    },
+  };
+
   function tick() {
     const now = G.serverNow();
     G.setText(clockEl, now === null ? "--:--" : G.fmtClock(now, true));
@@ -382,7 +527,7 @@
     });
     updateSound(false);
     renderSilence();
-    const below = Array.from(units.values()).filter((x) => x.el.getBoundingClientRect().top > window.innerHeight - 40);
+    const below = Array.from(units.values()).filter((x) => x.below);
     moreEl.classList.toggle("hidden", below.length === 0);
     moreEl.classList.toggle("urgent", below.some((x) => { const a = primaryAlert(x); return a && a.priority === "high" && needsAttention(a); }));
     G.setText(moreEl, below.length ? below.length + " more inbound below: " + below.map((x) => {
@@ -392,7 +537,8 @@
   }
 
   reorder();
-  G.connectFeed("/api/events?hospital=" + encodeURIComponent(HOSPITAL), handlers, (s) => G.renderLink(linkEl, s), 8000);
+  G.connectFeed("/api/events?hospital=" + encodeURIComponent(HOSPITAL) + "&feed=" + FEED_KEY, handlers,
+    (s) => G.renderLink(linkEl, s), 8000, rawHandlers);
   alarm.probe();
   renderSilence();
   setInterval(tick, 500);

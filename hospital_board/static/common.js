@@ -161,7 +161,9 @@ window.GH = (function () {
   // --- live feed ---------------------------------------------------------------------------------------------
   // EventSource with a watchdog: the server sends a "tick" when idle, so silence longer than stallMs means the link
   // is dead even if the socket looks open; the page then reconnects and gets a full snapshot (resync).
-  function connectFeed(url, handlers, onLink, stallMs) {
+  // rawHandlers (optional): {eventName: fn(dataString)} take those events undecoded (the board decodes the ECG of
+  // strips on screen only); every other event is decoded here and given to handlers[name].
+  function connectFeed(url, handlers, onLink, stallMs, rawHandlers) {
     let source = null;
     let lastPerf = performance.now();
     let state = "connecting";
@@ -173,8 +175,10 @@ window.GH = (function () {
       source.onopen = () => { lastPerf = performance.now(); };
       source.onerror = () => { setState("reconnecting"); checkSession(); };
       Object.keys(handlers).forEach((name) => {
+        const raw = rawHandlers && rawHandlers[name];
         source.addEventListener(name, (msg) => {
           lastPerf = performance.now();
+          if (raw) { raw(msg.data); return; }
           let data;
           try { data = JSON.parse(msg.data); } catch (e) { return; }
           if (data && data.server_time) syncServer(data.server_time);

@@ -1,10 +1,13 @@
 """The board's layouts in a real headless Chromium: nothing overflows its box at 1920x1080 and 3840x2160 with the
 demo's three inbound patients (default layout), nor with twelve patients on the wall layout (``?layout=wall``),
 where the wall rules must win over the dense rules, and ten whole ECG strips are on screen.  Also the page's live
-ECG order (sample time, not seq).  Screenshots go to ``artifacts/``."""
+ECG order (sample time, not seq), and that a wall's feed carries the ECG of the strips on screen only, a strip
+scrolled into view getting its last window whole.  Screenshots go to ``artifacts/``."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -175,6 +178,59 @@ async def test_wall_layout_fits_1080p_and_4k(embedded_broker: BrokerSettings, to
             session = await check_layout(cdp, f"{url}/?hospital=HA&layout=wall", width, height, 12, "board-wall")
             whole = await cdp.evaluate(session, WHOLE_STRIPS_JS)
             assert whole >= 10, f"the wall shows ten whole ECG strips at {width}x{height} (got {whole})"
+
+
+async def test_wall_feed_carries_the_ecg_of_strips_on_screen_only(
+    embedded_broker: BrokerSettings, topic_space: TopicSpace
+) -> None:
+    """Twelve patients on a 1080p wall: the page tells the board which strips it shows, and its feed then carries
+    their ECG only; the last card scrolled into view gets its last ECG window (ten 1-s chunks), drawn without a
+    gap, and the strips that left the screen stop coming."""
+    chromium_binary()
+    async with (
+        board_server(embedded_broker, topic_space) as (url, runtime),
+        bus(embedded_broker, topic_space) as (pub, _acks),
+        chromium() as cdp,
+    ):
+        await publish_patients(pub, datetime.now(UTC), 12)
+        session = await cdp.open_page(f"{url}/?hospital=HA&layout=wall", width=1920, height=1080)
+        await cdp.wait_in_page(session, "window.__ghBoard && window.__ghBoard.units.size === 12", timeout_s=30)
+        key = await cdp.evaluate(session, "window.__ghBoard.feedKey")
+        shown_js = "[...window.__ghBoard.units.values()].filter((u) => u.visible).map((u) => u.data.unit_id).sort()"
+
+        async def told() -> tuple[list[str], list[str]]:
+            for _ in range(100):
+                shown = await cdp.evaluate(session, shown_js)
+                feed = runtime.hub.feed(key)
+                if feed is not None and feed.ecg_units is not None and sorted(feed.ecg_units) == shown:
+                    return shown, sorted(feed.ecg_units)
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"the feed was not told the strips on screen: {shown} vs {feed and feed.ecg_units}")
+
+        shown, _ = await told()
+        assert 10 <= len(shown) < 12, f"ten or eleven strips on screen, not all twelve: {shown}"
+        last = await cdp.evaluate(
+            session,
+            "(() => { const c = [...document.querySelectorAll('#cards .card')].pop(); return c.dataset.unit; })()",
+        )
+        assert last not in shown
+        await cdp.evaluate(
+            session, "document.querySelector('#cards .card:last-child').scrollIntoView({block: 'end'}); 1"
+        )
+        await cdp.wait_in_page(session, f"window.__ghBoard.units.get({last!r}).visible", timeout_s=15)
+        shown_after, _ = await told()
+        assert last in shown_after
+        assert shown_after != shown
+        strip = await cdp.wait_in_page(
+            session,
+            f"(() => {{ const u = window.__ghBoard.units.get({last!r}); const s = u.strip.segs;"
+            " return s.length >= 10 ? s.map((x) => [x.t0, x.t1, x.gapBefore]) : null; })()",
+            timeout_s=15,
+        )
+        assert len(strip) == 10, "the unit's last ECG window, whole"
+        for (_, prev_end, _), (start, _, gap) in itertools.pairwise(strip):
+            assert not gap, "one window, no gap between its chunks"
+            assert abs(start - prev_end) < 10, "one window, no hole between its chunks"
 
 
 async def test_page_keeps_live_ecg_in_sample_time_order(

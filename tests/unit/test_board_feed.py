@@ -166,3 +166,60 @@ async def test_board_that_goes_away_leaves_the_registry_at_once() -> None:
 def test_client_feed_rejects_bad_bounds() -> None:
     with pytest.raises(ValueError):
         ClientFeed("HA", max_items=0, max_lag_s=1)
+
+
+def test_board_told_its_strips_gets_their_ecg_only_and_a_window_for_each_unit_coming_into_view() -> None:
+    hub = FeedHub(max_items=1_000)
+    client = hub.connect("HA", key="k" * 32, owner="ed-nurse")
+    other = hub.connect("HA")
+    assert hub.feed("k" * 32) is client
+    windows = {u: [event(EventKind.ECG, unit_id=u, n=n) for n in range(3)] for u in ("U1", "U2", "U3")}
+    hub.publish([event(EventKind.ECG, unit_id=u) for u in ("U1", "U2", "U3")])
+    assert [d["unit_id"] for _, d in frames(client.take())] == ["U1-0", "U2-0", "U3-0"], "until told: every unit"
+    # the first time: no window (the feed was receiving every unit's ECG until now)
+    assert hub.set_strips(client, ["U1", "U2"], lambda u: windows[u]) == 0
+    hub.publish([event(kind, unit_id=u, n=9) for u in ("U1", "U2", "U3") for kind in (EventKind.ECG, EventKind.VITALS)])
+    got = [(k, d["unit_id"]) for k, d in frames(client.take())]
+    assert [u for k, u in got if k == "ecg"] == ["U1-9", "U2-9"], "the strips on screen only"
+    assert [u for k, u in got if k == "vitals"] == ["U1-9", "U2-9", "U3-9"], "every card's vitals still"
+    assert len([k for k, _ in frames(other.take()) if k == "ecg"]) == 6, "another board is not affected"
+    # U3 comes into view, U1 leaves: U3's window first, in order, then its live chunks
+    assert hub.set_strips(client, ["U2", "U3"], lambda u: windows[u]) == 3
+    hub.publish([event(EventKind.ECG, unit_id=u, n=10) for u in ("U1", "U2", "U3")])
+    assert [d["unit_id"] for _, d in frames(client.take())] == ["U3-0", "U3-1", "U3-2", "U2-10", "U3-10"]
+
+
+def test_feed_key_answers_for_the_latest_connection_only() -> None:
+    hub = FeedHub(max_items=1_000)
+    first = hub.connect("HA", key="k" * 32)
+    second = hub.connect("HA", key="k" * 32)  # the page reconnected
+    hub.disconnect(first)
+    assert hub.feed("k" * 32) is second
+    hub.disconnect(second)
+    assert hub.feed("k" * 32) is None
+    detail = hub.connect("HA", "U1", key="d" * 32)
+    assert detail.key is None
+    assert hub.feed("d" * 32) is None, "a patient's detail feed is not a board's"
+
+
+async def test_writes_are_gathered_but_an_alert_goes_at_once() -> None:
+    """With a write slot far longer than the test, vitals and ECG wait for it, and an alert takes them all at once."""
+    hub = FeedHub()
+    client = hub.connect("HA")
+    sock = _StuckSocket(ok_sends=10**6)
+    response = SseResponse(hub, client, b"", heartbeat_s=3600, send_timeout_s=1, send_every_s=3600)
+    task = asyncio.create_task(response({"type": "http"}, sock.receive, sock.send))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    hub.publish([event(EventKind.VITALS, unit_id="U1"), event(EventKind.ECG, unit_id="U2")])
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(sock.sent) == 2, "headers and the (empty) resync only: vitals and ECG wait for the write slot"
+    hub.publish([event(EventKind.ALERT, unit_id="U3")])
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert len(sock.sent) == 3
+    assert [k for k, _ in frames(sock.sent[2]["body"])] == ["vitals", "ecg", "alert"], "one write, in order"
+    sock.disconnect.set()
+    async with asyncio.timeout(5):
+        await task

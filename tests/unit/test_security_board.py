@@ -264,3 +264,23 @@ async def test_every_board_read_reaches_dispatchs_hash_chained_audit_trail(
     ]
     assert rows[0]["hospital_id"] == "HA"
     assert (await to_dispatch.get("/api/audit/verify", headers=qm)).json()["ok"] is True
+
+
+async def test_only_the_feeds_own_viewer_tells_it_which_strips_are_on_screen(env: Env) -> None:
+    key = secrets.token_hex(16)
+    feed = env.runtime.hub.connect("HA", key=key, owner="t-ed_staff")
+    body = {"hospital_id": "HA", "units": ["U1"]}
+    assert (await env.board.put(f"/api/events/{key}/strips", json=body)).status_code == 401
+    ed_b = env.as_(Role.ED_STAFF, "HB")
+    assert (await env.board.put(f"/api/events/{key}/strips", json=body, headers=ed_b)).status_code == 403
+    oncall_a = env.as_(Role.DEPARTMENT_ONCALL, "HA")  # the same hospital, another viewer
+    assert (await env.board.put(f"/api/events/{key}/strips", json=body, headers=oncall_a)).status_code == 404
+    assert feed.ecg_units is None
+    ed_a = env.as_(Role.ED_STAFF, "HA")
+    assert (await env.board.put(f"/api/events/{'0' * 32}/strips", json=body, headers=ed_a)).status_code == 404
+    bad = {"hospital_id": "HA", "units": ["U1", "no such id!"]}
+    assert (await env.board.put(f"/api/events/{key}/strips", json=bad, headers=ed_a)).status_code == 422
+    told = await env.board.put(f"/api/events/{key}/strips", json=body, headers=ed_a)
+    assert told.status_code == 200
+    assert told.json()["units"] == 1
+    assert feed.ecg_units == {"U1"}
