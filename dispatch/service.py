@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import aiomqtt
 from pydantic import BaseModel
 
 from broker_config import (
@@ -56,7 +55,8 @@ from broker_config import (
     older_session,
     utc_now,
 )
-from broker_config.connection import MqttLink, NotConnectedError
+from broker_config.connection import NotConnectedError
+from broker_config.paho_link import PahoLink, ReceivedMessage
 from broker_config.topics import loggable
 from dispatch.activation import DEFAULT_ACK_TIMEOUT_S, acknowledge, escalate_due, next_deadline, page
 from dispatch.cases import CaseDesk
@@ -137,6 +137,9 @@ class DispatchService:
         registry: hospitals with live status.
         router: road router for ETAs; ``None`` runs without ETAs (ranking by capability only).
         repository: state store; a fresh :class:`InMemoryRepository` by default.
+        queue_size: inbound messages waiting for the worker at most; beyond it receiving pauses (nothing dropped).
+        enqueue_timeout_s: a full queue lasting longer than this is logged and counted in ``stalls``.
+        publish_timeout_s: how long a publish waits for its PUBACK.
         clock: the UTC clock (tests may pin it).
         ack_timeouts_s: seconds a department page waits for its acknowledgement before escalating, by alert
             priority (default :data:`dispatch.activation.DEFAULT_ACK_TIMEOUT_S`: high 120 s).
@@ -164,10 +167,12 @@ class DispatchService:
         self.registry = registry
         self.router = router
         self.repo: Repository = repository if repository is not None else InMemoryRepository()
-        self.link = MqttLink(broker, client_id=client_id, clean_session=False)
+        self.link = PahoLink(broker, client_id=client_id, clean_session=False)
         self.clock = clock
         self.processed: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        self.stalls = 0
+        """Times the inbound queue stayed full longer than ``enqueue_timeout_s`` (receiving paused, nothing lost)."""
         self.handled = asyncio.Condition()
         """Notified after every inbound message is handled or rejected (tests wait on it, no sleeps)."""
         self._queue: asyncio.Queue[_Inbound] = asyncio.Queue(maxsize=queue_size)
@@ -235,23 +240,38 @@ class DispatchService:
             rejected=dict(self.rejected),
         )
 
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
-        await client.subscribe([(self.space.filter(stream), STREAMS[stream].qos) for stream in SUBSCRIBED_STREAMS])
+    async def _on_connect(self, link: PahoLink) -> None:
+        await link.subscribe([(self.space.filter(stream), STREAMS[stream].qos) for stream in SUBSCRIBED_STREAMS])
         logger.info("dispatch subscribed streams=%d", len(SUBSCRIBED_STREAMS))
 
-    async def _on_message(self, message: aiomqtt.Message) -> None:
-        """Receive-loop callback: enqueue only (bounded wait), never decode or publish here (FF-01)."""
+    async def _on_message(self, message: ReceivedMessage) -> None:
+        """Receive-loop callback: enqueue only, never decode or publish here (FF-01).
+
+        A full queue is waited out, not dropped: while this waits, the link stops reading the socket and the broker
+        keeps the rest for the persistent session (:class:`broker_config.paho_link.PahoLink`), so a stalled worker
+        costs latency, never a pre-alert.  A wait longer than ``enqueue_timeout_s`` is logged (once per wait)."""
         topic = str(message.topic)
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
         item = _Inbound(topic, bytes(payload), self.clock())
         try:
+            self._queue.put_nowait(item)
+            return
+        except asyncio.QueueFull:
+            pass
+        try:
             async with asyncio.timeout(self._enqueue_timeout_s):
                 await self._queue.put(item)
+                return
         except TimeoutError:
-            self.rejected["queue_full"] += 1
-            logger.warning("dispatch queue full, message dropped topic=%s bytes=%d", loggable(topic), len(item.payload))
+            self.stalls += 1
+            logger.warning(
+                "dispatch queue full for %.1f s; receiving paused until the worker catches up topic=%s",
+                self._enqueue_timeout_s,
+                loggable(topic),
+            )
+        await self._queue.put(item)
 
     async def _worker(self) -> None:
         while True:

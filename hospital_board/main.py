@@ -62,8 +62,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from broker_config import AlertState, Department, TopicSpace, utc_now
-from broker_config.connection import MqttLink, NotConnectedError
+from broker_config.connection import NotConnectedError
 from broker_config.identity import BOARD_ACCESS_COOKIE, BOARD_REFRESH_COOKIE, Claims, Role, TokenError, verify_token
+from broker_config.paho_link import PahoLink
 from broker_config.topics import ID_PATTERN
 from broker_config.web import BodyLimitMiddleware, sign_in_script
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, RouteInfo
@@ -214,7 +215,7 @@ class BoardRuntime:
     space: TopicSpace
     state: BoardState
     hub: FeedHub
-    link: MqttLink
+    link: PahoLink
     ingest: BoardIngest
     clock: Callable[[], datetime]
     security: BoardSecurity
@@ -320,15 +321,16 @@ def _no_cookie_jar() -> CookieJar:
 def create_app(
     settings: BoardSettings,
     *,
-    link: MqttLink | None = None,
+    link: PahoLink | None = None,
     clock: Callable[[], datetime] = utc_now,
 ) -> FastAPI:
     """Build the board service.
 
     Args:
         settings: the service settings (broker, topic prefix, default hospital, staleness, feed bounds).
-        link: a not-yet-running :class:`MqttLink` to use (tests); by default one is created with client id
-            ``goldenhour-board-<random>`` and a clean session.  Either way the app's lifespan runs it.
+        link: a not-yet-running :class:`broker_config.paho_link.PahoLink` to use (tests); by default one is
+            created with client id ``goldenhour-board-<random>`` and a clean session.  Either way the app's
+            lifespan runs it.
         clock: UTC clock (tests).
 
     Returns:
@@ -337,7 +339,7 @@ def create_app(
     """
     space = TopicSpace(settings.topic_prefix or settings.broker.topic_prefix)
     if link is None:
-        link = MqttLink(settings.broker, client_id=f"goldenhour-board-{secrets.token_hex(4)}", clean_session=True)
+        link = PahoLink(settings.broker, client_id=f"goldenhour-board-{secrets.token_hex(4)}", clean_session=True)
     state = BoardState(
         stale_after_s=settings.stale_after_s,
         ecg_window_s=settings.ecg_window_s,

@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-import aiomqtt
-
 from broker_config import (
     STREAMS,
     AlertAck,
@@ -50,7 +48,8 @@ from broker_config import (
     encode,
     utc_now,
 )
-from broker_config.connection import Backoff, MqttLink, NotConnectedError
+from broker_config.connection import Backoff, NotConnectedError
+from broker_config.paho_link import PahoLink, ReceivedMessage
 from broker_config.topics import loggable
 from hospital_board.dispatch_client import DispatchClient, DispatchUnavailableError, HospitalDirectory
 from hospital_board.feed import FeedHub
@@ -113,7 +112,7 @@ class BoardIngest:
         state: BoardState,
         hub: FeedHub,
         space: TopicSpace,
-        link: MqttLink,
+        link: PahoLink,
         *,
         queue_items: int = 20_000,
         publish_timeout_s: float = 5.0,
@@ -142,16 +141,18 @@ class BoardIngest:
 
     # --- MQTT callbacks (fast) -------------------------------------------------------------------------------
 
-    async def on_connect(self, client: aiomqtt.Client) -> None:
+    async def on_connect(self, link: PahoLink) -> None:
         """Subscribe to every hospital's alert/ack stream and every unit's availability/status/vitals/ecg/gps."""
-        await client.subscribe([(self.space.filter(s), STREAMS[s].qos) for s in BOARD_STREAMS])
+        await link.subscribe([(self.space.filter(s), STREAMS[s].qos) for s in BOARD_STREAMS])
         logger.info("board subscribed streams=%d", len(BOARD_STREAMS))
         if self.on_session is not None:
             self.on_session()
 
-    async def on_message(self, message: aiomqtt.Message) -> None:
-        """Enqueue only (FF-01).  Waits (bounded) only when the control queue is full."""
-        topic = message.topic.value
+    async def on_message(self, message: ReceivedMessage) -> None:
+        """Enqueue only (FF-01).  Telemetry beyond the queue is dropped and counted (the next reading replaces it);
+        alerts and acknowledgements are never dropped: a full control queue is waited out while the link stops
+        reading (:class:`broker_config.paho_link.PahoLink`: the broker keeps the rest)."""
+        topic = str(message.topic)
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             self.reject(topic, None, 0, "payload is not bytes")
@@ -163,14 +164,9 @@ class BoardIngest:
             return
         item = _Inbound(parsed, topic, bytes(payload))
         if parsed.stream in _CONTROL:
-            if len(self._control) >= self._queue_items:
+            while len(self._control) >= self._queue_items:
                 self._room.clear()
-                try:
-                    async with asyncio.timeout(self.publish_timeout_s):
-                        await self._room.wait()
-                except TimeoutError:
-                    self.reject(topic, parsed.owner_id, len(payload), "control queue full")
-                    return
+                await self._room.wait()
             self._control.append(item)
         else:
             if len(self._telemetry) >= self._queue_items:

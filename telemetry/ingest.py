@@ -2,7 +2,7 @@
 
 Shape of the data path (FF-01: the receive loop never waits on the database)::
 
-    PahoLink (paho's network thread; batches to the event loop, stops reading at max_queued_incoming waiting)
+    PahoLink (paho driven by the event loop; batches of received messages; stops reading at max_queued_incoming waiting)
         --on_message: decode + gap check + put_nowait--> bounded asyncio.Queue
         --writer task: batches by count (batch_max) and age (batch_age_s)--> Store.write (retried with back-off)
         --after each stored batch--> GapRecord messages published on the gap stream (own task, bounded)
@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel
 
@@ -64,11 +64,11 @@ from broker_config import (
 )
 from broker_config.codec import RejectKind
 from broker_config.connection import Backoff, NotConnectedError
+from broker_config.paho_link import PahoLink, ReceivedMessage
 from broker_config.topics import TopicError, loggable
 from telemetry.errors import StoreUnavailableError, WriteError
 from telemetry.gaps import DEFAULT_RESTART_JUMP, Arrival, GapTracker
 from telemetry.ghe1 import EcgHead, check_chunk
-from telemetry.link import PahoLink
 from telemetry.records import GAP_TRACKED_STREAMS, STORED_STREAMS, WriteResult
 from telemetry.store import Store
 
@@ -88,16 +88,6 @@ Item = tuple[ParsedTopic, BaseModel | EcgHead, datetime, bytes | None]
 """A decoded message (or, for ECG into a store that files GHE1 bytes, the checked chunk's header), its receive time
 and, for ECG, the payload bytes (stored as received: already compressed)."""
 OnStored = Callable[[Sequence[Item], datetime], None]
-
-
-class ReceivedMessage(Protocol):
-    """What the receive path hands to the ingest: a paho ``MQTTMessage`` (``str(topic)`` is the topic name)."""
-
-    @property
-    def topic(self) -> object: ...
-
-    @property
-    def payload(self) -> bytes | bytearray: ...
 
 
 T = TypeVar("T")
@@ -316,7 +306,7 @@ class Ingest:
         enqueue_timeout_s: how long the receive loop waits for room when the queue is full before it drops the
             message (counted as ``queue_full``; the next message of that stream then shows the gap).
         max_queued_incoming: messages received but not yet taken by the event loop; at this many the MQTT network
-            thread stops reading (back-pressure, the broker keeps queueing: :class:`telemetry.link.PahoLink`).
+            link stops reading (back-pressure, the broker keeps queueing: :class:`broker_config.paho_link.PahoLink`).
         publish_receipts: publish each unit's retained StoreReceipt (forced off with ``share_group``).
         receipt_interval_s: at most one receipt per unit per this many seconds.
         gap_publish_timeout_s, gap_publish_budget_s: bounds of publishing gap records (their own task, never the

@@ -289,7 +289,7 @@ async def test_a_full_link_stops_reading_and_loses_nothing(
     """Back-pressure on the ingest's receive path: while the handler is stuck, the link stops reading the socket at
     ``max_pending`` messages (the broker keeps the rest queued) and, once the handler moves again, every message
     arrives once, in order."""
-    from telemetry.link import PahoLink
+    from broker_config.paho_link import PahoLink
 
     topic = topic_space.topic(Stream.GPS, "amb77")
     link = PahoLink(mqtt_settings, client_id=f"test-link-{uuid.uuid4().hex[:8]}", max_pending=5)

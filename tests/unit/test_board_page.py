@@ -20,8 +20,8 @@ from broker_config import (
     TopicSpace,
     encode,
 )
-from broker_config.connection import MqttLink
 from broker_config.identity import Role, generate_signing_key, issue_token, verify_key_text
+from broker_config.paho_link import PahoLink
 from broker_config.web import sign_in_script
 from hospital_board.feed import FeedHub
 from hospital_board.main import create_app
@@ -104,7 +104,7 @@ async def test_dispatch_unreachable_falls_back_to_the_id() -> None:
 
 
 def _ingest(space: TopicSpace) -> BoardIngest:
-    link = MqttLink(BrokerSettings(), client_id="unit-test")
+    link = PahoLink(BrokerSettings(), client_id="unit-test")
     return BoardIngest(BoardState(), FeedHub(), space, link, clock=lambda: NOW)
 
 

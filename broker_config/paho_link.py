@@ -1,9 +1,11 @@
-"""The ingest's MQTT connection: paho-mqtt driven by the asyncio event loop itself (no network thread).
+"""The receiving services' MQTT connection (ingest, dispatch, hospital board): paho-mqtt driven by the asyncio
+event loop itself (no network thread), with back-pressure instead of loss.
 
-Why not :class:`broker_config.connection.MqttLink` (aiomqtt): the ingest receives thousands of QoS 1 messages a
-second, and aiomqtt hands each one to asyncio separately (a queue put and a task wake-up per message); when its
-bounded queue is full it *discards* the message after paho has already sent the PUBACK, so an overloaded ingest
-loses acknowledged messages.
+Why not :class:`broker_config.connection.MqttLink` (aiomqtt) for a service that receives: aiomqtt hands each message
+to asyncio separately (a queue put and a task wake-up per message), and when its bounded queue is full it *discards*
+the message after paho has already sent the PUBACK, so a service that stalls for a while (a slow database, a burst)
+loses messages the broker believes delivered: a vitals set, or a pre-alert.  MqttLink remains the vehicle's link
+(last will, birth).
 
 Here paho runs in paho's documented external-loop mode: the event loop watches the socket (``add_reader``; a writer
 only while paho has bytes to send, through ``on_socket_register_write``/``on_socket_unregister_write``) and calls
@@ -27,7 +29,7 @@ import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 
@@ -35,9 +37,21 @@ from broker_config import BrokerSettings
 from broker_config.connection import AuthError, Backoff, NotConnectedError
 from broker_config.topics import loggable
 
-__all__ = ["PahoLink"]
+__all__ = ["PahoLink", "ReceivedMessage"]
 
 logger = logging.getLogger(__name__)
+
+
+class ReceivedMessage(Protocol):
+    """What a handler receives: a paho ``MQTTMessage`` (``str(topic)`` is the topic name; an aiomqtt ``Message``
+    fits too, which unit tests use)."""
+
+    @property
+    def topic(self) -> object: ...
+
+    @property
+    def payload(self) -> bytes | bytearray: ...
+
 
 OnConnect = Callable[["PahoLink"], Awaitable[None]]
 OnMessage = Callable[[paho.MQTTMessage], Awaitable[None] | None]
@@ -66,7 +80,7 @@ def _resolve_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future
 
 
 class PahoLink:
-    """Owns the ingest's MQTT client (MQTT 3.1.1) across reconnects, driven by the running event loop.
+    """Owns a receiving service's MQTT client (MQTT 3.1.1) across reconnects, driven by the running event loop.
 
     Args:
         settings: where the broker is (host, port, credentials, TLS, keepalive, reconnect bounds).
@@ -324,8 +338,12 @@ class PahoLink:
                 self.rejected += 1
                 logger.warning("handler failed topic=%s bytes=%d", loggable(message.topic), len(message.payload))
 
-    async def subscribe(self, filters: Sequence[str], *, qos: int = 1, timeout_s: float = 10) -> None:
-        """Subscribe to ``filters`` and wait for the SUBACK.  Raises NotConnectedError."""
+    async def subscribe(self, filters: Sequence[str | tuple[str, int]], *, qos: int = 1, timeout_s: float = 10) -> None:
+        """Subscribe to ``filters`` (each a filter at ``qos``, or a ``(filter, qos)`` pair) and wait for the SUBACK.
+
+        Raises:
+            NotConnectedError: the link is down, the broker refused, or no SUBACK came within ``timeout_s``.
+        """
         client = self._client
         loop = asyncio.get_running_loop()
         if client is None:
@@ -333,7 +351,8 @@ class PahoLink:
         done: asyncio.Future[None] = loop.create_future()
 
         client.on_subscribe = functools.partial(_resolve_from_thread, loop, done)
-        rc, _mid = client.subscribe([(f, qos) for f in filters])
+        pairs = [f if isinstance(f, tuple) else (f, qos) for f in filters]
+        rc, _mid = client.subscribe(pairs)
         if rc != paho.MQTT_ERR_SUCCESS:
             raise NotConnectedError(f"subscribe refused: {paho.error_string(rc)}")
         try:
