@@ -239,3 +239,24 @@ async def test_escalation_is_recorded_even_when_the_broker_is_down(
     kinds = [e.kind for e in record.timeline]
     assert EventKind.ACTIVATION_ESCALATED in kinds
     assert kinds[-1] is EventKind.PUBLISH_FAILED
+
+
+async def test_a_full_inbound_queue_pauses_receiving_and_drops_nothing() -> None:
+    """A stalled worker never costs a message: the receive callback waits for room (the link stops reading the
+    socket meanwhile), counts the stall once it outlasts ``enqueue_timeout_s``, and rejects nothing."""
+
+    class Message:
+        def __init__(self, n: int) -> None:
+            self.topic = SPACE.topic(Stream.STATUS, f"amb{n}")
+            self.payload = b"{}"
+
+    svc = DispatchService(BrokerSettings(), SPACE, HospitalRegistry.load(), None, queue_size=1, enqueue_timeout_s=0.05)
+    await svc._on_message(Message(1))
+    second = asyncio.create_task(svc._on_message(Message(2)))
+    await asyncio.sleep(0.2)
+    assert not second.done()  # waiting for room, not dropped
+    assert svc.stalls == 1
+    assert svc._queue.get_nowait().topic.endswith("/amb1/status")
+    await asyncio.wait_for(second, 5)
+    assert svc._queue.get_nowait().topic.endswith("/amb2/status")
+    assert "queue_full" not in svc.rejected
