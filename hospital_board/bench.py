@@ -31,12 +31,19 @@ Measured over ``--duration-s`` seconds after ``--warmup-s`` seconds of load:
   wrote into the payload just before publishing (``sent_at`` of the alert; ``measured_at`` = ``sent_at`` of the
   vitals, because a vitals event on the feed carries ``measured_at`` only).  Both clocks are this machine's.
   p50 and p99 over every event received by every board;
-* ECG frame rate = ``requestAnimationFrame`` callbacks per second in each page, median and slowest board, and the
-  number of ECG strips visible (canvases on screen, as the board's own IntersectionObserver sees them); also the
-  strip redraws per second that ``board.js`` counts itself with ``?bench=1`` (``window.__ghBench``): the board
-  draws every visible strip incrementally in its one animation-frame loop (only the samples played since the last
-  frame, see ``GH.drawStrip``), so that figure follows the frame rate.  ``--layout wall`` (the default) asks for the
-  board's 5-column wall layout, which shows ten whole strips at 1920x1080;
+* ECG frame rate = the strip redraws per second that ``board.js`` counts itself with ``?bench=1``
+  (``window.__ghBench``: animation frames in which the board drew its visible strips), median and slowest board
+  (the target is judged on the slowest), with the number of ECG strips visible (canvases on screen, as the board's
+  own IntersectionObserver sees them).  The board draws every visible strip incrementally in its one
+  animation-frame loop (only the samples played since the last frame, see ``GH.drawStrip``), at most 40 times a
+  second (``ECG_MAX_FPS`` in ``board.js``), so the strip frame rate is at most the page's rate of
+  ``requestAnimationFrame`` callbacks, which is also given (median and slowest board; without a verdict since the
+  strips stopped following every frame).  ``--layout wall`` (the default) asks for the board's 5-column wall layout,
+  which shows ten whole strips at 1920x1080;
+* per page, from the DevTools protocol (``Performance.getMetrics``, read at the start and at the end of the window,
+  :data:`PAGE_METRICS`): main-thread time in tasks, script, style recalculation and layout, the number of style
+  recalculations and layouts, and the CPU time of the page's renderer process, per second (median board): what a
+  frame costs the page, and what is left for the event stream;
 * CPU used by the board service, the broker, the publisher, Chromium, this driver and the whole machine (other
   users included), in percent of one core.
 
@@ -45,7 +52,9 @@ How the pages are read: the benchmark injects a short script over the DevTools p
 listeners for the ``vitals`` and ``alert`` events of the page's ``EventSource``; everything is read once, at the
 end.  Nothing in ``hospital_board/static`` is changed for the benchmark; it only sets ``?bench=1``, which the
 board already understands, for the strip redraw count and the frame-loop time (and ``&ecg=full`` with
-``--ecg-redraw full``: every strip redrawn whole on every frame, the renderer's baseline).  The pages keep rendering
+``--ecg-redraw full``: every strip redrawn whole on every frame, the renderer's baseline).  The pages are the board's
+own: each tells the service which strips it has on screen and then receives the ECG of those units only (see
+:mod:`hospital_board.feed`); the plain SSE clients never do, so they receive every unit's ECG.  The pages keep rendering
 as foreground screens: Chromium runs with ``--disable-background-timer-throttling``,
 ``--disable-renderer-backgrounding`` and ``--disable-backgrounding-occluded-windows`` (:data:`CHROMIUM_FLAGS`), each
 page in a window of its own, each with its own event stream (one loopback port per page).  A page too busy to
@@ -55,6 +64,12 @@ Baseline: the same measurements with 1 board and 1 unit, in the same run; every 
 run / baseline.  Targets (from the issue): latency p99 <= 250 ms for vitals and for alerts with 20 boards x 50
 units; ECG >= 30 frames/s with 10 strips visible (judged on the slowest board).  The exit status is 0 when every
 target was met.
+
+Reading the figures: every board page costs the one Chromium the same whatever the number of boards (its strips,
+its 50 units' events, and compositing its 1920x1080 window in software), so with ``--boards 20`` and Chromium on one
+CPU each page has a twentieth of that CPU.  ``page renderer process CPU`` shows what one page takes when it has the
+CPU it needs (``--boards 1``) and what each page got.  The service's own fan-out to 20 boards with one real page is
+``--boards 1 --sse-clients 19`` (the plain clients take every unit's ECG, the worst case for the service).
 
 Needs Chromium (``/usr/bin/chromium``) and the ``websockets`` package (the project's ``test`` extra).
 """
@@ -1109,6 +1124,7 @@ def figures(r: ScenarioResult) -> dict[str, float]:
         "raf_fps_median": _median(r.raf_fps),
         "raf_fps_slowest": _min(r.raf_fps),
         "strip_redraws_per_s_median": _median(r.redraw_fps),
+        "strip_redraws_per_s_slowest": _min(r.redraw_fps),
         "frame_loop_ms_per_s_median": _median([x for x in r.loop_ms_per_s if x == x]),
         "visible_strips_median": _median([float(v) for v in r.visible_strips]),
         **{f"page_{key}_median": _median([m[key] for m in r.page_metrics if key in m]) for key in PAGE_METRICS},
@@ -1133,8 +1149,9 @@ _ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("sse_vitals_p99_ms", "vitals p99 at plain SSE clients [ms]", "{:.0f}", ""),
     ("sse_alert_p99_ms", "alert p99 at plain SSE clients [ms]", "{:.0f}", ""),
     ("raf_fps_median", "frame rate, median board [rAF/s]", "{:.1f}", ""),
-    ("raf_fps_slowest", "frame rate, slowest board [rAF/s]", "{:.1f}", f">= {TARGET_FPS:.0f}"),
+    ("raf_fps_slowest", "frame rate, slowest board [rAF/s]", "{:.1f}", ""),
     ("strip_redraws_per_s_median", "ECG strip redraws, median board [/s]", "{:.1f}", ""),
+    ("strip_redraws_per_s_slowest", "ECG strip redraws, slowest board [/s]", "{:.1f}", f">= {TARGET_FPS:.0f}"),
     ("frame_loop_ms_per_s_median", "board frame loop (strips), median [ms per s]", "{:.1f}", ""),
     ("visible_strips_median", "ECG strips visible per board", "{:.0f}", ""),
     ("page_TaskDuration_median", "page main thread busy, median [ms per s]", "{:.0f}", ""),

@@ -14,11 +14,11 @@ Why this shape (field failures FF-13 and FF-14):
   a heartbeat every ``heartbeat_s`` (a comment plus a ``tick`` event carrying the server's time, so the page
   itself can tell a silent link from a quiet one), so a vanished board leaves the registry within a heartbeat
   (FF-13).
-* Writes are gathered: after a write, a board's next write waits until ``send_every_s`` (50 ms) has passed, and
+* Writes are gathered: after a write, a board's next write waits until ``send_every_s`` (20 ms) has passed, and
   carries everything that came meanwhile, unless an alert (or a card's removal) is waiting, which goes at once.
-  Fifty units' vitals and ECG, spread over each second, would otherwise be a hundred writes a second to every board,
-  and each write costs the browser a network task of its own; gathered, they are at most twenty, for at most 50 ms
-  more latency on vitals and ECG.
+  Each write costs the browser a network task of its own; a unit's vitals and ECG chunk, which come together, go in
+  one write instead of two, and fifty units' events, spread over each second, in at most fifty writes a second, for
+  at most 20 ms more latency on vitals and ECG.
 * A stream ends when the viewer's access token expires (``expires_at``); the page reconnects with its refreshed
   cookie and resyncs, so a stream never outlives the authorisation it was opened with.
 * A feed is either a hospital's big-screen board (every inbound unit, first ECG lead) or one patient's detail
@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 _RETRY_MS = 2_000
 _MAX_BATCH_BYTES = 256 * 1024
-_SEND_EVERY_S = 0.05
+_SEND_EVERY_S = 0.02
 """A board's writes are at least this far apart (seconds), unless an alert or a removal is waiting."""
 _URGENT_KINDS = frozenset({EventKind.ALERT, EventKind.REMOVED})
 

@@ -60,7 +60,18 @@ window.GH = (function () {
   }
 
   // --- formatting --------------------------------------------------------------------------------------------
-  const setText = (el, text) => { if (el && el.textContent !== text) el.textContent = text; };
+  // A changed text goes into the element's one text node (a character-data change: the browser re-lays out that text
+  // only) rather than replacing its children (a node removed and a node inserted: style and layout of both).
+  // Empty text still empties the element, for :empty rules.
+  const setText = (el, text) => {
+    if (!el) return;
+    const t = el.firstChild;
+    if (text !== "" && t !== null && t.nodeType === Node.TEXT_NODE && t === el.lastChild) {
+      if (t.data !== text) t.data = text;
+    } else if (el.textContent !== text) {
+      el.textContent = text;
+    }
+  };
 
   function fmtAge(s) {
     if (s === null || s === undefined) return "";
@@ -378,12 +389,14 @@ window.GH = (function () {
   }
 
   // The standard grid (1 mm / 5 mm at 25 mm/s, 10 mm/mV) and the 1 mV calibration pulse, drawn once per canvas size
-  // into an image shown as the canvas's CSS background; the trace canvas itself only ever holds the trace.
+  // into a canvas of its own; the (opaque) strip is erased by copying the grid over the part to be redrawn, so that
+  // the compositor has an opaque layer to put on screen (nothing to blend with the page under it).  The same image is
+  // the canvas's CSS background until the first draw.
   const gridCache = new Map();
-  function gridUrl(W, H, pxmm, dpr) {
+  function gridOf(W, H, pxmm, dpr) {
     const key = W + "x" + H + "@" + pxmm.toFixed(4) + "/" + dpr;
-    let url = gridCache.get(key);
-    if (url) return url;
+    let grid = gridCache.get(key);
+    if (grid) return grid;
     const c = document.createElement("canvas");
     c.width = W; c.height = H;
     const g = c.getContext("2d");
@@ -404,10 +417,16 @@ window.GH = (function () {
     g.moveTo(0, baseY); g.lineTo(calX, baseY); g.lineTo(calX, top); g.lineTo(calX + calW, top);
     g.lineTo(calX + calW, baseY); g.lineTo(calX + calW + 2 * pxmm, baseY);
     g.stroke();
-    url = "url(" + c.toDataURL("image/png") + ")";
+    grid = { canvas: c, url: "url(" + c.toDataURL("image/png") + ")" };
     if (gridCache.size > 32) gridCache.clear();
-    gridCache.set(key, url);
-    return url;
+    gridCache.set(key, grid);
+    return grid;
+  }
+
+  // Put the grid back over [x, x + w) x [y, y + h) of a strip (its "clear").
+  function erase(st, x, y, w, h) {
+    if (w <= 0 || h <= 0) return;
+    st.ctx.drawImage(st.grid, x, y, w, h, x, y, w, h);
   }
 
   // Draw one lead of a strip at clinical scale (25 mm/s, 10 mm/mV) like a monitor: the pen sweeps left to right
@@ -439,10 +458,14 @@ window.GH = (function () {
     const key = W + "x" + H + "@" + pxmm + "/" + dpr;
     let st = canvas._ecg;
     if (!st || st.key !== key) {
-      const url = gridUrl(W, H, pxmm, dpr);
-      canvas.style.backgroundImage = url;
+      const grid = gridOf(W, H, pxmm, dpr);
+      canvas.style.backgroundImage = grid.url;
       canvas.style.backgroundSize = cssW + "px " + cssH + "px";
-      st = canvas._ecg = { key: key, ctx: canvas.getContext("2d"), stripId: null, lead: null, lastT: null, pen: null };
+      st = canvas._ecg = {
+        key: key, ctx: canvas.getContext("2d", { alpha: false }), grid: grid.canvas, stripId: null, lead: null,
+        lastT: null, pen: null,
+      };
+      erase(st, 0, 0, W, H);
     }
     const ctx = st.ctx;
     const x0 = Math.round(2 * pxmm + 0.2 * 25 * pxmm + 3 * pxmm);
@@ -453,7 +476,7 @@ window.GH = (function () {
     const eraseMs = Math.max(8 * dpr, 4 * pxmm) / pxPerMs; // the erase bar: 4 mm ahead of the pen
     const fresh = st.stripId !== strip.id || st.lead !== leadIndex;
     if (!strip.segs.length || strip.headT === null) {
-      if (fresh || st.lastT !== null) ctx.clearRect(0, 0, W, H);
+      if (fresh || st.lastT !== null) erase(st, 0, 0, W, H);
       st.stripId = strip.id; st.lead = leadIndex; st.lastT = null; st.pen = null;
       return true;
     }
@@ -464,7 +487,7 @@ window.GH = (function () {
     strip.playT = playT;
     let ta = st.lastT;
     if (fresh || ta === null || playT < ta || playT - ta > spanMs - eraseMs) {
-      ctx.clearRect(0, 0, W, H);
+      erase(st, 0, 0, W, H);
       ta = playT - spanMs + eraseMs;
       st.pen = null;
     }
@@ -478,11 +501,11 @@ window.GH = (function () {
   const mod = (a, n) => ((a % n) + n) % n;
 
   // Clear the sweep positions [pa, pb) (px along the unwrapped sweep), wrapping at the right edge.
-  function clearSweep(ctx, g, pa, pb) {
-    if (pb - pa >= g.spanPx) { ctx.clearRect(g.x0, 0, g.spanPx, g.H); return; }
+  function clearSweep(st, g, pa, pb) {
+    if (pb - pa >= g.spanPx) { erase(st, g.x0, 0, g.spanPx, g.H); return; }
     const a = Math.floor(mod(pa, g.spanPx)), len = Math.ceil(pb - pa) + 1;
-    if (a + len <= g.spanPx) ctx.clearRect(g.x0 + a, 0, len, g.H);
-    else { ctx.clearRect(g.x0 + a, 0, g.spanPx - a, g.H); ctx.clearRect(g.x0, 0, len - (g.spanPx - a), g.H); }
+    if (a + len <= g.spanPx) erase(st, g.x0 + a, 0, len, g.H);
+    else { erase(st, g.x0 + a, 0, g.spanPx - a, g.H); erase(st, g.x0, 0, len - (g.spanPx - a), g.H); }
   }
 
   function fillSweep(ctx, g, pa, pb) {
@@ -496,7 +519,7 @@ window.GH = (function () {
   function sweep(ctx, strip, leadIndex, ta, tb, g, st) {
     const P = (t) => t * g.pxPerMs; // unwrapped sweep position (px) of a sample time
     const lw = 2 * g.dpr;
-    clearSweep(ctx, g, P(ta) + lw, P(tb + g.eraseMs) + lw);
+    clearSweep(st, g, P(ta) + lw, P(tb + g.eraseMs) + lw);
     const baseY = g.H * 0.6, yScale = 10 * g.pxmm;
     ctx.strokeStyle = "#39ff6a";
     ctx.lineWidth = lw;

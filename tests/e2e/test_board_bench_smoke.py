@@ -39,6 +39,9 @@ def test_bench_tiny_run_prints_every_figure(tmp_path: Path, capsys: pytest.Captu
         "vitals p99 at plain SSE clients [ms]",
         "frame rate, slowest board [rAF/s]",
         "ECG strip redraws, median board [/s]",
+        "ECG strip redraws, slowest board [/s]",
+        "page main thread busy, median [ms per s]",
+        "page layouts [per s]",
         "board frame loop (strips), median [ms per s]",
         "CPU board service [% of a core]",
         "baseline 1x1",
@@ -62,6 +65,8 @@ def test_bench_tiny_run_prints_every_figure(tmp_path: Path, capsys: pytest.Captu
         for key in ("vitals_p50_ms", "vitals_p99_ms", "alert_p99_ms", "sse_vitals_p99_ms", "raf_fps_slowest"):
             assert math.isfinite(figures[key]), f"{key} was not measured"
         assert figures["raf_fps_slowest"] > 0, "the pages drew frames"
+        assert figures["strip_redraws_per_s_slowest"] > 0, "the pages drew their strips"
+        assert math.isfinite(figures["page_TaskDuration_median"]), "the pages' DevTools metrics were read"
         assert figures["visible_strips_median"] >= 1
 
 
