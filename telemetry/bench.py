@@ -556,6 +556,30 @@ class BenchResult:
     workers: int = 1
     loadavg: str = ""
     """``/proc/loadavg`` at the end of the run (other load on the machine skews every figure)."""
+    server: dict[str, str] = field(default_factory=dict)
+    """The PostgreSQL settings that shape a write-heavy run (:data:`SERVER_SETTINGS`), as the server reported them."""
+
+
+SERVER_SETTINGS = (
+    "server_version",
+    "shared_buffers",
+    "max_wal_size",
+    "checkpoint_timeout",
+    "wal_compression",
+    "synchronous_commit",
+)
+"""Reported with every run: the store's WAL volume and checkpoints are what the tail latency follows (see
+``telemetry/postgresql.conf`` for the settings recommended for a telemetry store)."""
+
+
+async def server_settings(url: str) -> dict[str, str]:
+    """The values of :data:`SERVER_SETTINGS` on the server at ``url``."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute(
+            "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)", (list(SERVER_SETTINGS),)
+        )
+        found = dict(await cur.fetchall())
+    return {name: found.get(name, "?") for name in SERVER_SETTINGS}
 
 
 def _pct(values: Sequence[float] | np.ndarray, q: float) -> float:
@@ -772,6 +796,7 @@ async def run(
             (_pct(latest_ms, 50), _pct(latest_ms, 99)),
             (_pct(ecg_ms, 50), _pct(ecg_ms, 99)),
             workers=workers,
+            server=await server_settings(url),
         )
         if baseline:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
@@ -839,6 +864,7 @@ def _report_lines(r: BenchResult) -> list[str]:
     per_process = ", ".join(f"{k} {v:.3f}" for k, v in i.cpu_s_per_1000_msgs_by_process.items())
     lines = [
         f"units={r.units} workers={r.workers} duration_s={r.duration_s} history_s={r.history_s} loadavg {r.loadavg}",
+        "  server: " + ", ".join(f"{k} {v}" for k, v in r.server.items()),
         f"  ingest: {i.messages_per_s:.0f} msg/s, {i.samples_per_s:.0f} ECG samples/s, lag p50 {i.lag_p50_s:.3f} s"
         f" p99 {i.lag_p99_s:.3f} s, {i.cpu_s_per_1000_msgs:.3f} CPU s/1000 msgs",
         f"          {i.bytes_per_ecg_sample:.3f} B/ECG sample, {i.bytes_per_vitals_row:.1f} B/vitals row,"
@@ -925,8 +951,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="goldenhour bench ingest",
         description=__doc__.split("\n")[0],
         epilog="The issue-3 acceptance run (5 minutes, one hour of history, on a quiet machine): goldenhour bench"
-        " ingest --units 1000 --duration-s 300 --workers 2 --publishers 2 --private-broker.  Iterate with"
-        " --duration-s 60 --history-s 600 --no-baseline.",
+        " ingest --units 1000 --duration-s 300 --private-broker.  Iterate with --duration-s 60 --history-s 600"
+        " --no-baseline.",
     )
     parser.add_argument("--units", action="append", default=None, help="fleet size(s): repeat or 10,100,1000")
     parser.add_argument("--duration-s", type=int, default=30)

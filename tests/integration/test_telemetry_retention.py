@@ -197,7 +197,7 @@ async def test_a_0001_database_migrates_forward_with_its_rows(pg_url: str) -> No
         )
     store = open_store(pg_url)
     try:
-        assert await store.migrate() == [2, 3, 4]
+        assert await store.migrate() == [2, 3, 4, 5]
         assert await store.seqs(U, Stream.VITALS) == [3]
         assert await store.seqs(U, Stream.GPS) == [2]
         np.testing.assert_array_equal(await store.ecg_samples(U), raw)
