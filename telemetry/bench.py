@@ -556,9 +556,16 @@ class BenchResult:
     workers: int = 1
     loadavg: str = ""
     """``/proc/loadavg`` at the end of the run (other load on the machine skews every figure)."""
+    idle_latest_vitals_ms: tuple[float, float] = (float("nan"), float("nan"))
+    idle_ecg_10s_ms: tuple[float, float] = (float("nan"), float("nan"))
+    """The board's queries timed again after the run, on the same data with the ingest stopped (p50, p99)."""
     server: dict[str, str] = field(default_factory=dict)
     """The PostgreSQL settings that shape a write-heavy run (:data:`SERVER_SETTINGS`), as the server reported them."""
 
+
+IDLE_QUERIES = 300
+"""Default rounds of the board's queries timed after the run (ingest stopped), 0.1 s apart, ECG of a different unit
+each (``--idle-queries``)."""
 
 SERVER_SETTINGS = (
     "server_version",
@@ -744,6 +751,7 @@ async def run(
     workers: int = 1,
     broker_pid: int | None = None,
     receipt_interval_s: float = 1.0,
+    idle_queries: int = IDLE_QUERIES,
 ) -> BenchResult:
     """Benchmark one fleet size in a fresh database created on ``database_url``'s server, with ``workers`` ingest
     processes (a shared subscription when more than one)."""
@@ -761,14 +769,15 @@ async def run(
         latest_ms: list[float] = []
         ecg_ms: list[float] = []
 
-        async def board_queries() -> None:
-            while True:
+        async def board_queries(latest: list[float] = latest_ms, ecg: list[float] = ecg_ms, n: int = -1) -> None:
+            while n:
+                n -= 1
                 t = time.perf_counter()
                 await store.latest_vitals()
-                latest_ms.append((time.perf_counter() - t) * 1000)
+                latest.append((time.perf_counter() - t) * 1000)
                 t = time.perf_counter()
-                await store.ecg_window(units[0], 10.0)
-                ecg_ms.append((time.perf_counter() - t) * 1000)
+                await store.ecg_window(units[n % len(units)], 10.0)
+                ecg.append((time.perf_counter() - t) * 1000)
                 await asyncio.sleep(0.1)
 
         report, sent, _ = await _phase(
@@ -786,6 +795,9 @@ async def run(
             receipt_interval_s=receipt_interval_s,
         )
         main_phase = await _figures(url, report, sent, duration_s, history_s, ("ecg_chunk", "vitals", "gps_fix"))
+        idle_latest: list[float] = []
+        idle_ecg: list[float] = []
+        await board_queries(idle_latest, idle_ecg, idle_queries)  # the same store, the ingest stopped
         await store.close()
         result = BenchResult(
             units_n,
@@ -797,6 +809,8 @@ async def run(
             (_pct(ecg_ms, 50), _pct(ecg_ms, 99)),
             workers=workers,
             server=await server_settings(url),
+            idle_latest_vitals_ms=(_pct(idle_latest, 50), _pct(idle_latest, 99)),
+            idle_ecg_10s_ms=(_pct(idle_ecg, 50), _pct(idle_ecg, 99)),
         )
         if baseline:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
@@ -873,6 +887,9 @@ def _report_lines(r: BenchResult) -> list[str]:
         f"          CPU s/1000 msgs by process: {per_process}",
         f"  board queries: latest vitals p50 {r.latest_vitals_ms[0]:.1f} ms p99 {r.latest_vitals_ms[1]:.1f} ms;"
         f" ECG last 10 s p50 {r.ecg_10s_ms[0]:.1f} ms p99 {r.ecg_10s_ms[1]:.1f} ms",
+        f"  after the run, ingest stopped: latest vitals p50 {r.idle_latest_vitals_ms[0]:.1f} ms"
+        f" p99 {r.idle_latest_vitals_ms[1]:.1f} ms; ECG last 10 s p50 {r.idle_ecg_10s_ms[0]:.1f} ms"
+        f" p99 {r.idle_ecg_10s_ms[1]:.1f} ms",
     ]
     if r.naive is not None:
         n = r.naive
@@ -979,6 +996,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run the load through a Mosquitto started for the run with the production queue budget (FF-19)"
         " instead of --mqtt-url; a stock broker's 1,000-message queue drops QoS 1 messages once the ingest lags",
     )
+    parser.add_argument(
+        "--idle-queries", type=int, default=IDLE_QUERIES, help="rounds of the board's queries timed after the run"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     parser.add_argument("--keep-database", action="store_true")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -1003,6 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
                     workers=max(1, args.workers),
                     broker_pid=broker_pid,
                     receipt_interval_s=args.receipt_interval_s,
+                    idle_queries=max(1, args.idle_queries),
                 )
             )
         with contextlib.suppress(OSError), open("/proc/loadavg", encoding="ascii") as fh:
