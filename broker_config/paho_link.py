@@ -11,11 +11,17 @@ Here paho runs in paho's documented external-loop mode: the event loop watches t
 only while paho has bytes to send, through ``on_socket_register_write``/``on_socket_unregister_write``) and calls
 ``loop_read``/``loop_write``, and ``loop_misc`` once a second for the keep-alive.  A readable socket is drained in
 one go (every whole packet it holds), received messages are appended to a list, and the session task hands the list
-to the handler in arrival order.  The PUBACKs of a read are queued by paho and written together when the socket is
-writable.  When ``max_pending`` messages wait for the handler, the link stops reading the socket (back-pressure: the
-broker keeps queueing for the persistent session, FF-19) instead of dropping anything, and reads again once the
-handler has taken them.  Compared with paho's own network thread (``loop_start``) this saves a thread hand-off, a
-self-pipe write per queued packet and the GIL traffic between two threads, for every message.
+to the handler in arrival order.
+
+Flow control is MQTT's own: messages are acknowledged by hand (paho's ``manual_ack``), each PUBACK sent only once
+the handler has taken the message (returned, or finished waiting for room in the service's own queue).  A service
+that stalls stops acknowledging, the broker stops sending once its in-flight window for the client is full
+(``max_inflight_messages``) and keeps the rest queued (FF-19); the socket is always read, so the PUBACKs of the
+service's own publishes, the SUBACK and the keep-alive still get through while the handler waits.  A message
+taken from the socket but not yet acknowledged when the connection drops is still delivered (at least once: the
+broker redelivers it to a persistent session, and the consumers are idempotent).  QoS 0 messages have no
+acknowledgement to withhold: beyond ``max_pending`` waiting they are dropped and counted.  The handler starts
+receiving while the subscription is being made: a persistent session's backlog arrives before the SUBACK.
 
 Same contract as MqttLink where the ingest uses it: ``connected``, ``sessions``, ``rejected``, ``backoff``,
 :meth:`run`, :meth:`publish` (bounded wait for the PUBACK), :meth:`wait_connected`; reconnects with capped
@@ -93,7 +99,8 @@ class PahoLink:
         connected: set while a session is up (after CONNACK and ``on_connect``).
         sessions: how many sessions have been established.
         rejected: messages whose handler raised (counted, logged with the topic only, dropped).
-        paused: how many times reading stopped because ``max_pending`` messages were waiting.
+        paused: how many times ``max_pending`` messages were waiting for the handler (acknowledgements withheld).
+        dropped_qos0: QoS 0 messages dropped because ``max_pending`` were waiting.
     """
 
     def __init__(
@@ -116,6 +123,7 @@ class PahoLink:
         self.sessions = 0
         self.rejected = 0
         self.paused = 0
+        self.dropped_qos0 = 0
         self.backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
         self._client: paho.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,6 +132,7 @@ class PahoLink:
         self._reading = False
         self._progress = 0
         self._pending: list[paho.MQTTMessage] = []
+        self._stale: list[paho.MQTTMessage] = []
         self._arrived = asyncio.Event()
         self._acks: dict[int, asyncio.Future[None]] = {}
 
@@ -131,12 +140,16 @@ class PahoLink:
 
     def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
         self._progress += 1
-        first = not self._pending
-        self._pending.append(message)
-        if first:
+        waiting = len(self._pending)
+        if waiting >= self.max_pending:
+            if message.qos == 0:
+                self.dropped_qos0 += 1
+                return
+            if waiting == self.max_pending:
+                self.paused += 1
+        if not waiting:
             self._arrived.set()
-        if len(self._pending) >= self.max_pending:
-            self._stop_reading()  # back-pressure: the broker keeps queueing for us
+        self._pending.append(message)
 
     def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int, *_: Any) -> None:
         # publish() registers its future before it yields, so the PUBACK (read on this same loop) never comes first
@@ -164,7 +177,7 @@ class PahoLink:
             if rc != paho.MQTT_ERR_SUCCESS:
                 self._detach()  # paho closed the socket and reported the loss through on_disconnect
                 return
-            if not self._reading or self._sock is not sock:
+            if self._sock is not sock:
                 return
             if self._progress == before and not (hasattr(sock, "pending") and sock.pending()):
                 return  # nothing more in the socket (or a packet still arriving): wait for the next event
@@ -172,12 +185,6 @@ class PahoLink:
     def _writable(self, client: paho.Client) -> None:
         if client.loop_write() != paho.MQTT_ERR_SUCCESS:
             self._detach()
-
-    def _stop_reading(self) -> None:
-        if self._reading and self._loop is not None and self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            self._reading = False
-            self.paused += 1
 
     def _start_reading(self) -> None:
         if not self._reading and self._loop is not None and self._fd >= 0 and self._client is not None:
@@ -205,7 +212,6 @@ class PahoLink:
 
     def _take(self) -> list[paho.MQTTMessage]:
         batch, self._pending = self._pending, []
-        self._start_reading()  # room again
         return batch
 
     def _make_client(self) -> paho.Client:
@@ -216,6 +222,7 @@ class PahoLink:
             clean_session=self.clean_session,
             protocol=paho.MQTTv311,
             reconnect_on_failure=False,  # run() reconnects, with jitter
+            manual_ack=True,  # PUBACK once the handler has taken the message (flow control, see the module doc)
         )
         if s.username is not None:
             client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
@@ -252,6 +259,7 @@ class PahoLink:
                     await loop.run_in_executor(
                         None, client.connect, self.settings.host, self.settings.port, self.settings.keepalive_s
                     )
+                    self._stale.extend(self._take())  # taken on an earlier connection, never delivered
                     self._client = client
                     self._sock = client.socket()
                     self._fd = self._sock.fileno() if self._sock is not None else -1
@@ -308,10 +316,24 @@ class PahoLink:
     ) -> None:
         self.backoff.reset()
         self.sessions += 1
-        if on_connect is not None:
-            await on_connect(self)
-        self.connected.set()
-        logger.info("mqtt connected client=%s broker=%s", self.client_id, self.settings.url)
+        # the handler receives from the start: a persistent session's backlog comes before the SUBACK
+        delivery = asyncio.create_task(self._delivery(client, lost, on_message), name="mqtt-delivery")
+        try:
+            if on_connect is not None:
+                await on_connect(self)
+            self.connected.set()
+            logger.info("mqtt connected client=%s broker=%s", self.client_id, self.settings.url)
+            await asyncio.wait((delivery, lost), return_when=asyncio.FIRST_COMPLETED)
+            await delivery  # the messages taken before the loss are still delivered (at least once)
+        finally:
+            delivery.cancel()
+        logger.warning("mqtt link lost client=%s reason=%s", self.client_id, lost.result())
+
+    async def _delivery(self, client: paho.Client, lost: asyncio.Future[str], on_message: OnMessage | None) -> None:
+        # taken on an earlier connection and not delivered (its subscription failed): delivered, not acknowledged
+        # (their message ids belonged to that connection; a persistent session gets them again from the broker)
+        stale, self._stale = self._stale, []
+        await self._deliver(stale, on_message, None)
         while not lost.done():
             self._arrived.clear()
             batch = self._take()
@@ -320,23 +342,28 @@ class PahoLink:
                 await asyncio.wait((waiter, lost), return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 continue
-            await self._deliver(batch, on_message)
-        await self._deliver(self._take(), on_message)  # acknowledged before the loss: still ours
-        logger.warning("mqtt link lost client=%s reason=%s", self.client_id, lost.result())
+            await self._deliver(batch, on_message, client)
+        await self._deliver(self._take(), on_message, client)
 
-    async def _deliver(self, batch: Sequence[paho.MQTTMessage], on_message: OnMessage | None) -> None:
-        if on_message is None:
-            return
+    async def _deliver(
+        self, batch: Sequence[paho.MQTTMessage], on_message: OnMessage | None, client: paho.Client | None
+    ) -> None:
+        """Hand ``batch`` to the handler in order, acknowledging each message on ``client`` (the connection it came
+        on; None: none) once the handler has taken it, or refused it (a message the handler cannot use is not
+        redelivered)."""
         for i, message in enumerate(batch):
             if i and not i % _YIELD_EVERY:
                 await asyncio.sleep(0)  # a long batch must not starve the writer
             try:
-                result = on_message(message)
-                if result is not None:
-                    await result
+                if on_message is not None:
+                    result = on_message(message)
+                    if result is not None:
+                        await result
             except Exception:  # noqa: BLE001 - the per-message error boundary
                 self.rejected += 1
                 logger.warning("handler failed topic=%s bytes=%d", loggable(message.topic), len(message.payload))
+            if message.qos and client is not None and client is self._client:
+                client.ack(message.mid, message.qos)
 
     async def subscribe(self, filters: Sequence[str | tuple[str, int]], *, qos: int = 1, timeout_s: float = 10) -> None:
         """Subscribe to ``filters`` (each a filter at ``qos``, or a ``(filter, qos)`` pair) and wait for the SUBACK.

@@ -283,12 +283,12 @@ def test_scan_gaps_is_a_postgres_store_feature() -> None:
     assert hasattr(PostgresStore, "scan_gaps")
 
 
-async def test_a_full_link_stops_reading_and_loses_nothing(
+async def test_a_stuck_handler_withholds_acknowledgements_and_loses_nothing(
     mqtt_settings: BrokerSettings, topic_space: TopicSpace
 ) -> None:
-    """Back-pressure on the ingest's receive path: while the handler is stuck, the link stops reading the socket at
-    ``max_pending`` messages (the broker keeps the rest queued) and, once the handler moves again, every message
-    arrives once, in order."""
+    """Flow control on the receiving services' path: while the handler is stuck, the link acknowledges nothing, so
+    the broker stops sending once its in-flight window for the client is full and keeps the rest; once the handler
+    moves again, every message arrives once, in order."""
     from broker_config.paho_link import PahoLink
 
     topic = topic_space.topic(Stream.GPS, "amb77")
@@ -315,7 +315,9 @@ async def test_a_full_link_stops_reading_and_loses_nothing(
         async with asyncio.timeout(WAIT_S):
             while not link.paused:  # noqa: ASYNC110 - the link exposes a counter, not an event
                 await asyncio.sleep(0.05)
-        assert len(link._pending) <= 5  # the rest waits at the broker, not in our memory
+        await asyncio.sleep(0.5)
+        # the broker's in-flight window (Mosquitto's default: 20), not the 200, waits in our memory
+        assert len(link._pending) <= 100
         release.set()
         async with asyncio.timeout(WAIT_S):
             await all_seen.wait()
@@ -325,3 +327,91 @@ async def test_a_full_link_stops_reading_and_loses_nothing(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_backlog_larger_than_the_link_arrives_after_a_reconnect(
+    mqtt_settings: BrokerSettings, topic_space: TopicSpace
+) -> None:
+    """A persistent session's backlog comes before the SUBACK: a backlog larger than ``max_pending`` must not stop
+    the subscription from completing (it did: nothing was delivered and the link reconnected for ever)."""
+    from broker_config.paho_link import PahoLink
+
+    topic = topic_space.topic(Stream.GPS, "amb78")
+    client_id = f"test-link-{uuid.uuid4().hex[:8]}"
+    seen: list[bytes] = []
+    all_seen = asyncio.Event()
+
+    async def on_connect(lnk: PahoLink) -> None:
+        await lnk.subscribe([topic], qos=1)
+
+    def handler(message: Any) -> None:
+        seen.append(bytes(message.payload))
+        if len(seen) == 300:
+            all_seen.set()
+
+    first = PahoLink(mqtt_settings, client_id=client_id, clean_session=False)
+    task = asyncio.create_task(first.run(on_connect, handler))
+    await first.wait_connected(10)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    async with publisher(mqtt_settings) as pub:  # the backlog, queued by the broker while the service is away
+        for i in range(300):
+            await pub.publish(topic, str(i).encode(), qos=1, timeout=10)
+    again = PahoLink(mqtt_settings, client_id=client_id, clean_session=False, max_pending=20)
+    task = asyncio.create_task(again.run(on_connect, handler))
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await all_seen.wait()
+        assert sorted(int(p) for p in seen) == list(range(300))
+        assert again.sessions == 1  # subscribed the first time, no reconnect loop
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with aiomqtt.Client(mqtt_settings.host, mqtt_settings.port, identifier=client_id, clean_session=True):
+                pass
+
+
+async def test_a_service_publish_is_confirmed_while_its_handler_waits(
+    mqtt_settings: BrokerSettings, topic_space: TopicSpace
+) -> None:
+    """Dispatch's shape: the handler waits for room in a bounded queue whose worker publishes (QoS 1) each item.
+    The worker's PUBACKs must get through while the handler waits (they did not while reading was paused)."""
+    from broker_config.paho_link import PahoLink
+
+    inbound = topic_space.topic(Stream.GPS, "amb79")
+    outbound = topic_space.topic(Stream.STATUS, "amb79")
+    link = PahoLink(mqtt_settings, client_id=f"test-link-{uuid.uuid4().hex[:8]}", max_pending=5)
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=2)
+    published: list[bytes] = []
+
+    async def handler(message: Any) -> None:
+        await queue.put(bytes(message.payload))
+
+    async def worker() -> None:
+        while True:
+            item = await queue.get()
+            await link.publish(outbound, item, qos=1, timeout_s=5)
+            published.append(item)
+
+    async def on_connect(lnk: PahoLink) -> None:
+        await lnk.subscribe([inbound], qos=1)
+
+    tasks = [asyncio.create_task(link.run(on_connect, handler)), asyncio.create_task(worker())]
+    try:
+        await link.wait_connected(10)
+        async with publisher(mqtt_settings) as pub:
+            for i in range(100):
+                await pub.publish(inbound, str(i).encode(), qos=1, timeout=10)
+        async with asyncio.timeout(WAIT_S):
+            while len(published) < 100:  # noqa: ASYNC110 - a plain list, not an event
+                await asyncio.sleep(0.05)
+        assert published == [str(i).encode() for i in range(100)]
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
