@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,8 +41,8 @@ from telemetry.records import (
     GpsPoint,
     IngestState,
     LatestVitals,
+    LatestVitalsByUnit,
     VitalsBin,
-    VitalsByCode,
     WriteResult,
 )
 from telemetry.rows import TABLES, Row, TableSpec, as_utc, group_rows
@@ -571,16 +571,15 @@ class PostgresStore:
             await cur.execute(statement, params)
             return await cur.fetchall()
 
-    async def latest_vitals(self) -> dict[str, LatestVitals]:
+    async def latest_vitals(self) -> Mapping[str, LatestVitals]:
         """Per unit: the latest value of each vital code (from ``vitals_latest``, kept by every write).
 
-        One row per unit, its codes as one JSON text that the writer rebuilds for the units of every vitals batch
-        (``vitals_latest_doc``, migration 0004): a read aggregates nothing, and a thousand rows of two strings cross
-        the wire and the driver far faster than parallel arrays of typed values.  Each unit's
-        :class:`telemetry.records.VitalsByCode` parses its values when first read.
+        Each unit's codes are one JSON text that the writer rebuilds for the units of every vitals batch
+        (``vitals_latest_doc``, migration 0004): a read aggregates nothing and keeps one dict of strings
+        (:class:`telemetry.records.LatestVitalsByUnit`); a unit's values are parsed when it is looked up.
         """
         rows = await self._fetch(_LATEST_VITALS)
-        return {unit_id: LatestVitals(unit_id, VitalsByCode(entries, _FIELD_BY_LOINC)) for unit_id, entries in rows}
+        return LatestVitalsByUnit(dict(rows), _FIELD_BY_LOINC)
 
     async def ecg_window(self, unit_id: str, seconds: float) -> EcgWindow | None:
         """The unit's last ``seconds`` of ECG; see :func:`telemetry.store.assemble_window`.

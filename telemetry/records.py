@@ -26,6 +26,7 @@ __all__ = [
     "GpsPoint",
     "IngestState",
     "LatestVitals",
+    "LatestVitalsByUnit",
     "VitalValue",
     "VitalsBin",
     "VitalsByCode",
@@ -126,6 +127,33 @@ class VitalsByCode(Mapping[str, VitalValue]):
 
     def __repr__(self) -> str:
         return f"VitalsByCode({self._built()!r})"
+
+
+class LatestVitalsByUnit(Mapping[str, "LatestVitals"]):
+    """Every unit's latest vitals as the store returned them: one string per unit, each unit's
+    :class:`LatestVitals` built when it is looked up.
+
+    Why: a read of a thousand units that built a thousand objects at once fed Python's cyclic garbage collector
+    several thousand surviving containers per read, and every few reads a full collection of the reading
+    service's whole heap landed inside the read (p99 40 ms against a 3 ms median).  Here a read leaves one dict of
+    strings behind.
+    """
+
+    __slots__ = ("_entries", "_field_of")
+
+    def __init__(self, entries: dict[str, str], field_of: Mapping[str, str]) -> None:
+        """``entries``: unit id -> the JSON text :class:`VitalsByCode` reads."""
+        self._entries = entries
+        self._field_of = field_of
+
+    def __getitem__(self, unit_id: str) -> LatestVitals:
+        return LatestVitals(unit_id, VitalsByCode(self._entries[unit_id], self._field_of))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -273,7 +273,7 @@ class SqliteStore:
 
     # --- queries --------------------------------------------------------------------------------------------------
 
-    async def latest_vitals(self) -> dict[str, LatestVitals]:
+    async def latest_vitals(self) -> Mapping[str, LatestVitals]:
         """Per unit: the latest value of each vital code; see :meth:`telemetry.store.Store.latest_vitals`."""
         rows = await self._call(
             _fetch,

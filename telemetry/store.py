@@ -11,7 +11,7 @@ the second time and reports the messages as duplicates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -101,7 +101,7 @@ class Store(Protocol):
         """Store a batch in one transaction; duplicates of stored messages are no-ops, counted per stream."""
         ...
 
-    async def latest_vitals(self) -> dict[str, LatestVitals]:
+    async def latest_vitals(self) -> Mapping[str, LatestVitals]:
         """Per unit id: the latest value of each vital code (by ``measured_at``)."""
         ...
 
