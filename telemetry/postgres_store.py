@@ -277,6 +277,14 @@ class _Session:
             await self._discard()
 
 
+_LOCK_BATCH_UNITS = (
+    "SELECT pg_advisory_xact_lock(hashtext('vitals_latest'), hashtext(u))"
+    " FROM (SELECT DISTINCT unit_id AS u FROM stage_vitals ORDER BY 1) AS units"
+)
+"""Writers on a shared subscription take a batch's units in turn (in unit order, so never in a cycle): each rebuilds
+a unit's latest-vitals document from a snapshot that holds the other writers' committed codes (without it the
+later of two concurrent writers overwrote the document with a stale one)."""
+
 _UPSERT_LATEST = (
     "INSERT INTO vitals_latest (unit_id, loinc, seq, mdc_code, ucum, value, measured_at, historical)"
     " SELECT DISTINCT ON (unit_id, loinc) unit_id, loinc, seq, mdc_code, ucum, value, measured_at, historical"
@@ -473,12 +481,21 @@ class PostgresStore:
                     spec = PG_ECG if stream is Stream.ECG else TABLES[stream]
                     inserted = await self._copy_direct(conn, cur, spec, messages) if stream in _DIRECT else None
                     if inserted is None:
-                        inserted = await self._copy_insert(cur, spec, messages)
+                        keys = await self._copy_insert(cur, spec, messages)
+                        inserted = len(keys)
+                        if stream is Stream.VITALS and inserted < len(messages):
+                            # a refused replay must not become the latest value: only what was stored counts
+                            await cur.execute(
+                                "DELETE FROM stage_vitals s WHERE NOT EXISTS (SELECT 1 FROM"
+                                " unnest(%s::text[], %s::bigint[]) AS k(u, q) WHERE k.u = s.unit_id AND k.q = s.seq)",
+                                ([k[0] for k in keys], [k[1] for k in keys]),
+                            )
                     if inserted:
                         result.inserted[stream] += inserted
                     if len(messages) > inserted:
                         result.duplicates[stream] += len(messages) - inserted
                     if stream is Stream.VITALS:
+                        await cur.execute(_LOCK_BATCH_UNITS)
                         await cur.execute(_UPSERT_LATEST)
                         await cur.execute(_REBUILD_BATCH_DOCS)
                     if stream in _PARTITION_TIME:
@@ -513,7 +530,10 @@ class PostgresStore:
         return len(messages)
 
     @staticmethod
-    async def _copy_insert(cur: psycopg.AsyncCursor[Any], spec: TableSpec, messages: list[list[Row]]) -> int:
+    async def _copy_insert(
+        cur: psycopg.AsyncCursor[Any], spec: TableSpec, messages: list[list[Row]]
+    ) -> set[tuple[Any, ...]]:
+        """Through the staging table: the message keys newly inserted (the others were already stored)."""
         await PostgresStore._copy_rows(cur, spec, _stage(spec), messages)
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in spec.columns)
         insert = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} s {} ON CONFLICT DO NOTHING RETURNING {}").format(
@@ -525,8 +545,7 @@ class PostgresStore:
             sql.SQL(", ").join(sql.Identifier(c) for c in spec.key),
         )
         await cur.execute(insert)
-        keys = {tuple(r) for r in await cur.fetchall()}
-        return len(keys)
+        return {tuple(r) for r in await cur.fetchall()}
 
     @staticmethod
     async def _copy_rows(

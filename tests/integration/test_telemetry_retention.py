@@ -274,3 +274,46 @@ async def test_store_side_scan_starts_at_the_window_over_a_store_with_history(st
         cur = await conn.execute("SELECT unit_id, checked_seq FROM gap_scan_state WHERE stream = 'gps' ORDER BY 1")
         assert await cur.fetchall() == [("amb31", 109), ("amb32", 7)]
     assert await store.scan_gaps(window_s=600, settle_s=0) == []
+
+
+async def test_a_refused_vitals_replay_never_becomes_the_latest_value(store: PostgresStore) -> None:
+    """A replay of a stored vitals message with other values is refused as a whole, and must not show as the
+    unit's latest vitals either (the latest read the staging rows, refused ones included)."""
+    first = Vitals(unit_id=U, seq=70, sent_at=NOW, measured_at=NOW - timedelta(seconds=30), heart_rate_bpm=80.0)
+    await store.write([item(Stream.VITALS, first)])  # type: ignore[list-item]
+    replay = Vitals(unit_id=U, seq=70, sent_at=NOW, measured_at=NOW, heart_rate_bpm=150.0, spo2_pct=70.0)
+    result = await store.write([item(Stream.VITALS, replay)])  # type: ignore[list-item]
+    assert (result.inserted[Stream.VITALS], result.duplicates[Stream.VITALS]) == (0, 1)
+    latest = (await store.latest_vitals())[U]
+    assert latest.by_field("spo2_pct") is None
+    hr = latest.by_field("heart_rate_bpm")
+    assert hr is not None
+    assert (hr.value, hr.seq) == (80.0, 70)
+
+
+async def test_two_writers_of_one_unit_keep_its_latest_vitals_whole(store: PostgresStore) -> None:
+    """Two ingest workers write one unit's vitals with different codes at the same time (a monitor's HR, an
+    oximeter's SpO2): the unit's latest-vitals document must hold both, as the per-code table does."""
+    a, b = PostgresStore(store._conninfo), PostgresStore(store._conninfo)
+    unit = "amb33"
+    topic = ParsedTopic(Scope.UNIT, unit, Stream.VITALS)
+
+    def vit(seq: int, ago_s: int, **values: float) -> tuple[ParsedTopic, Vitals, datetime]:
+        at = NOW - timedelta(seconds=ago_s)
+        return (topic, Vitals(unit_id=unit, seq=seq, sent_at=at, measured_at=at, **values), NOW)
+
+    try:
+        await store.write([vit(1, 60, heart_rate_bpm=60.0, spo2_pct=90.0)])  # type: ignore[list-item]
+        async with await psycopg.AsyncConnection.connect(store._conninfo) as gate:
+            async with gate.transaction():  # holds the document row: forces the interleaving timing gives
+                await gate.execute("SELECT 1 FROM vitals_latest_doc WHERE unit_id = %s FOR UPDATE", (unit,))
+                first = asyncio.create_task(a.write([vit(2, 2, heart_rate_bpm=120.0)]))  # type: ignore[list-item]
+                await asyncio.sleep(0.5)
+                second = asyncio.create_task(b.write([vit(3, 1, spo2_pct=99.0)]))  # type: ignore[list-item]
+                await asyncio.sleep(0.5)
+            await asyncio.gather(first, second)
+        latest = (await store.latest_vitals())[unit]
+        assert {v.field: v.value for v in latest.values.values()} == {"heart_rate_bpm": 120.0, "spo2_pct": 99.0}
+    finally:
+        await a.close()
+        await b.close()
