@@ -244,9 +244,15 @@ class FeedHub:
         """Register a new board for ``hospital_id`` (or a detail view of one of its inbound units).
 
         ``key``: the page's own key for a board feed, for :meth:`feed` and :meth:`set_strips` (a feed registered
-        under the same key before, i.e. the page's previous connection, no longer answers to it); ``owner``: who
-        opens it.
+        under the same key before by the same ``owner``, i.e. the page's previous connection, no longer answers to
+        it; a key held by another owner is not taken over: the new feed then has no key and gets every unit's ECG);
+        ``owner``: who opens it.
         """
+        if key is not None and unit_id is None:
+            held = self._keyed.get(key)
+            if held is not None and held.owner != owner:
+                logger.warning("board feed key already held by another viewer hospital=%s", hospital_id)
+                key = None
         client = ClientFeed(
             hospital_id,
             max_items=self.max_items,

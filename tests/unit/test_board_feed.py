@@ -202,6 +202,14 @@ def test_feed_key_answers_for_the_latest_connection_only() -> None:
     assert hub.feed("d" * 32) is None, "a patient's detail feed is not a board's"
 
 
+def test_a_feed_key_held_by_another_viewer_is_not_taken_over() -> None:
+    hub = FeedHub()
+    owner = hub.connect("HA", key="k" * 32, owner="ed-nurse")
+    other = hub.connect("HB", key="k" * 32, owner="someone-else")  # knows the key (it travels in the URL)
+    assert hub.feed("k" * 32) is owner
+    assert other.key is None  # it gets a feed of its own, without the key
+
+
 async def test_writes_are_gathered_but_an_alert_goes_at_once() -> None:
     """With a write slot far longer than the test, vitals and ECG wait for it, and an alert takes them all at once."""
     hub = FeedHub()
