@@ -907,12 +907,14 @@ allow_anonymous true
 persistence false
 max_queued_messages 1000000
 max_queued_bytes 0
-max_inflight_messages 100
+max_inflight_messages 20
 queue_qos0_messages false
 log_dest none
 """
-"""The bench's own broker: the queue budget of ``broker_config/mosquitto/production.conf.template`` (FF-19), so
-that a lagging ingest shows as lag rather than as Mosquitto's default 1,000-message queue silently dropping."""
+"""The bench's own broker: the queue budget and the in-flight window of
+``broker_config/mosquitto/production.conf.template`` (FF-19), so that a lagging ingest shows as lag rather than as
+Mosquitto's default 1,000-message queue silently dropping, and the ingest's acknowledgements meet the production
+window (20 unacknowledged messages per client)."""
 
 
 @contextlib.contextmanager
