@@ -16,6 +16,7 @@ It exits non-zero, after logging each problem, when the configuration would lose
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import getpass
 import grp
@@ -272,13 +273,16 @@ def log_warnings(log_text: str, *, ignore: Mapping[str, str] | None = None) -> l
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m broker_config.broker_check CONFIG``: 0 when the configuration passes, 1 otherwise."""
-    args = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m broker_config.broker_check",
+        description="Start-up checks of a Mosquitto configuration (persistence, queue budget, ACL, listeners);"
+        " exits 1 after logging each problem.",
+    )
+    parser.add_argument("config", type=Path, help="the Mosquitto configuration file to check")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if len(args) != 1:
-        logger.error("usage: python -m broker_config.broker_check MOSQUITTO_CONF")
-        return 2
     try:
-        check_config(Path(args[0]))
+        check_config(args.config)
     except BrokerCheckError as exc:
         for problem in exc.problems:
             logger.error("broker configuration: %s", problem)

@@ -445,3 +445,12 @@ def test_check_config_finds_files_the_broker_account_cannot_reread(tmp_path: Pat
     for option in ("password_file", "acl_file", "crlfile", "keyfile"):
         assert f"{option} {pki.out_dir}" in problems
     assert "nobody" in problems
+
+
+def test_broker_check_help_is_help_not_a_file_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from broker_config import broker_check
+
+    with pytest.raises(SystemExit) as exit_info:
+        broker_check.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "Mosquitto configuration" in capsys.readouterr().out
