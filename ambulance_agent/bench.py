@@ -608,7 +608,9 @@ async def slow_link(url: str | None, seconds: float) -> None:
 
 def main() -> int:
     """Run the benchmark (or the bare-publisher baseline when asked by the benchmark itself)."""
-    parser = argparse.ArgumentParser(prog="python -m ambulance_agent.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ambulance_agent.bench", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="broker (embedded if unreachable)")
     parser.add_argument("--seconds", type=float, default=30.0, help="measurement window per run")
     parser.add_argument("--codec-seconds", type=float, default=300.0, help="seconds of each MIT-BIH record")
