@@ -17,9 +17,9 @@ set (5 values) and one GPS fix, all QoS 1.  Per N the run:
    timings; then runs the same load through a naive ingest (one INSERT per vitals value, ECG as float8[] in mV,
    one transaction per message) and reports the ratios.
 
-Targets (issue 3): 1,000 ambulances with lag p99 <= 2 s, no loss, no duplicates; ECG <= 2 bytes/sample, lossless;
-both board queries p99 <= 20 ms.  Measure on a quiet machine: the publisher, Mosquitto, PostgreSQL and the ingest
-compete for the same cores.
+Targets (a region on a 2-core machine): 1,000 ambulances with lag p99 <= 2 s, no loss, no duplicates; ECG <= 2
+bytes/sample, lossless; both board queries p99 <= 20 ms.  Measure on a quiet machine: the publisher, Mosquitto,
+PostgreSQL and the ingest compete for the same cores.
 """
 
 from __future__ import annotations
@@ -969,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="goldenhour bench ingest",
         description=__doc__.split("\n")[0],
-        epilog="The issue-3 acceptance run (5 minutes, one hour of history, on a quiet machine): goldenhour bench"
+        epilog="The acceptance run for a region (5 minutes, one hour of history, on a quiet machine): goldenhour bench"
         " ingest --units 1000 --duration-s 300 --private-broker.  Iterate with --duration-s 60 --history-s 600"
         " --no-baseline.",
     )
