@@ -91,8 +91,8 @@ class PahoLink:
     Args:
         settings: where the broker is (host, port, credentials, TLS, keepalive, reconnect bounds).
         client_id: fixed client id (with ``clean_session=False`` the broker keeps the session while we are away).
-        max_pending: messages received but not yet taken by the handler; at this many the link stops reading the
-            socket until the handler catches up.
+        max_pending: messages received but not yet taken by the handler beyond which QoS 0 messages are dropped
+            (QoS 1 ones are held back by the broker's in-flight window: they wait unacknowledged).
         max_inflight: QoS 1 publishes (receipts, gap records) in flight at once.
 
     Attributes:
@@ -169,7 +169,7 @@ class PahoLink:
     # --- socket events --------------------------------------------------------------------------------------------
 
     def _readable(self, client: paho.Client) -> None:
-        """Read every whole packet the socket holds (bounded per wake-up), or until back-pressure stops reading."""
+        """Read every whole packet the socket holds (bounded per wake-up)."""
         sock = self._sock
         for _ in range(_READS_PER_WAKEUP):
             before = self._progress

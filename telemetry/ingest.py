@@ -2,7 +2,7 @@
 
 Shape of the data path (FF-01: the receive loop never waits on the database)::
 
-    PahoLink (paho driven by the event loop; batches of received messages; stops reading at max_queued_incoming waiting)
+    PahoLink (paho driven by the event loop; each message acknowledged once taken: the broker paces a stalled ingest)
         --on_message: decode + gap check + put_nowait--> bounded asyncio.Queue
         --writer task: batches by count (batch_max) and age (batch_age_s)--> Store.write (retried with back-off)
         --after each stored batch--> GapRecord messages published on the gap stream (own task, bounded)
@@ -305,8 +305,9 @@ class Ingest:
             publish-to-commit lag.  Must be quick.
         enqueue_timeout_s: how long the receive loop waits for room when the queue is full before it drops the
             message (counted as ``queue_full``; the next message of that stream then shows the gap).
-        max_queued_incoming: messages received but not yet taken by the event loop; at this many the MQTT network
-            link stops reading (back-pressure, the broker keeps queueing: :class:`broker_config.paho_link.PahoLink`).
+        max_queued_incoming: messages received but not yet taken by the handler (``max_pending`` of
+            :class:`broker_config.paho_link.PahoLink`; QoS 1 messages beyond the broker's in-flight window wait at the
+            broker, unacknowledged).
         publish_receipts: publish each unit's retained StoreReceipt (forced off with ``share_group``).
         receipt_interval_s: at most one receipt per unit per this many seconds.
         gap_publish_timeout_s, gap_publish_budget_s: bounds of publishing gap records (their own task, never the
